@@ -1,0 +1,94 @@
+"""The public face of glmkit: the names ChatGLM and Hugging Face users already know.
+
+`GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
+`generate`, `chat`, `stream_chat`, `save_pretrained`); each method delegates to the module that
+owns the idea, so the model file stays a model file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit import chat as chat_lib
+from glmkit.checkpoint import load_model, save_model
+from glmkit.generation import SamplingParams, generate, stream_tokens
+from glmkit.model import GLM
+from glmkit.tokenizer import ChatGLMTokenizer
+
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+
+
+class NoDefaultModelError(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The demo model shipped inside the package, used when no model path is given."""
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        raise NoDefaultModelError(
+            "this glmkit build ships no demo model yet, so a model path is required: pass --model PATH "
+            "(or glmkit.load(PATH)) with a ChatGLM-6B directory (config.json, weights, ice_text.model)"
+        )
+    return DEMO_MODEL_DIR
+
+
+class GLMForCausalLM(GLM):
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> GLMForCausalLM:
+        """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU."""
+        return load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write the official layout (safetensors unless safe_serialization=False), tokenizer included."""
+        return save_model(self, path, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """HF-style: returns the prompts followed by the new tokens. Accepts (and re-derives) the
+        tokenizer's attention_mask / position_ids, so `model.generate(**tokenizer(texts, padding=True))` works."""
+        kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        return generate(self, input_ids, SamplingParams(**_eos_as_tuple(kwargs)))
+
+    def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Like generate, but yields each step's new tokens [B] as they are produced."""
+        sequences = [row.tolist() for row in input_ids]
+        return stream_tokens(self, sequences, SamplingParams(**_eos_as_tuple(kwargs)))
+
+    def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
+        """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""
+        return chat_lib.chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None,
+                    **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
+        return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
+
+
+def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Accept HF's eos_token_id (int or list) as well as eos_token_ids."""
+    eos = kwargs.pop("eos_token_id", None)
+    if eos is not None:
+        kwargs["eos_token_ids"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    return kwargs
+
+
+def load(
+    path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
+    """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
+    path = Path(path).expanduser() if path is not None else default_model_path()
+    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    tokenizer = ChatGLMTokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {path} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
+            "ice_text.model does not belong to these weights"
+        )
+    return model, tokenizer

@@ -1,0 +1,296 @@
+"""Reading and writing model directories in the official Hugging Face layout.
+
+A model directory holds `config.json` and weights as one of
+    pytorch_model.bin | pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json
+    model.safetensors | model-0000N-of-0000M.safetensors + model.safetensors.index.json
+(fp16, bf16 or fp32 on disk), and usually the tokenizer (`ice_text.model`, `tokenizer_config.json`).
+
+Loading builds the model on the meta device and fills it shard by shard, converting each tensor to
+the requested dtype as it goes, so peak memory stays near one copy of the model plus one shard
+(memory-mapped where the format allows). Every way a download can go wrong is checked and reported
+with what to do about it, before a half-filled model can be used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from glmkit.config import GLMConfig
+from glmkit.model import GLM
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+# Buffers the official checkpoint stores that glmkit recomputes.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded, with what to do about it."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: GLMConfig, device: torch.device) -> torch.dtype:
+    """None means: float32 on CPU (fp16 matmuls are slow or missing there), the checkpoint's dtype on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return DTYPES[config.torch_dtype] if device.type != "cpu" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config(directory: Path) -> GLMConfig:
+    if not directory.exists():
+        raise FileNotFoundError(f"model directory {directory} does not exist; pass the folder that holds config.json")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; pass the model directory that contains it")
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a ChatGLM model directory?")
+    return GLMConfig.from_json_file(directory / "config.json")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The shard files to read, in order; checks that every shard named by an index is present."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid index file ({e}); re-download it") from e
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (directory / n).exists()]
+            if missing:
+                raise CheckpointError(
+                    f"{directory} is incomplete: {', '.join(missing)} listed in {index_name} "
+                    f"{'is' if len(missing) == 1 else 'are'} missing; download the missing shard(s)"
+                )
+            return [directory / n for n in names]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (directory / single).exists():
+            return [directory / single]
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one shard, memory-mapped where possible."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        else:
+            yield from _load_bin(path).items()
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({e}); re-download it") from e
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a .bin is a pickle, and pickles from the internet must not run code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
+
+
+def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> None:
+    """Fill a meta-device model from the directory's shards, one shard at a time."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    seen: set[str] = set()
+    files = weight_files(directory)
+    for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
+        for name, tensor in read_shard(path):
+            if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                raise CheckpointError(
+                    f"{path.name} holds {name!r}, which this model does not have; config.json does not match "
+                    "the weights (or the checkpoint is of another architecture)"
+                )
+            _assign(model, name, tensor, expected[name].shape, dtype, device)
+            seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory} lacks weights for {shown}; the checkpoint is incomplete")
+    if tied:
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+
+
+def _assign(model: GLM, name: str, tensor: torch.Tensor, shape: torch.Size, dtype, device) -> None:
+    if tensor.shape != shape:
+        raise CheckpointError(
+            f"{name} has shape {tuple(tensor.shape)} in the checkpoint but config.json implies {tuple(shape)}; "
+            "config.json does not match the weights"
+        )
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = tensor.to(device=device, dtype=dtype)
+    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    model_class: type[GLM] = GLM,
+) -> GLM:
+    directory = Path(path).expanduser()
+    config = read_config(directory)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, config, device)
+    with torch.device("meta"):
+        model = model_class(config)
+    load_weights(model, directory, dtype, device, progress)
+    model.name_or_path = str(directory)
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_model(
+    model: GLM,
+    path: str | Path,
+    *,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "2GB",
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write config.json and the weights in the official layout (safetensors by default).
+
+    Tied output weights are not stored twice: HF (and the official code through it) re-ties them."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_old_weights(directory)
+    target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
+    state = {
+        name: t.detach().to(device="cpu", dtype=target).contiguous()
+        for name, t in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+    }
+    shards = _shards(state, _parse_size(max_shard_size))
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards, strict=True):
+        if safe_serialization:
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, directory / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: n for n, shard in zip(names, shards, strict=True) for k in shard},
+        }
+        index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
+        (directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
+    config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
+    config.save(directory)
+    _copy_tokenizer(getattr(model, "name_or_path", None), directory)
+    return directory
+
+
+def _remove_old_weights(directory: Path) -> None:
+    """Stale shards of an earlier save would shadow or mix with the new ones at load time."""
+    for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFE_INDEX, BIN_INDEX):
+        for old in directory.glob(pattern):
+            old.unlink()
+
+
+def _copy_tokenizer(source: str | None, directory: Path) -> None:
+    """A saved model directory should be usable alone, so the tokenizer travels with the weights."""
+    if not source or Path(source).resolve() == directory.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).exists():
+            shutil.copyfile(Path(source) / name, directory / name)
+
+
+def describe(path: str | Path) -> dict:
+    """Facts about a model directory, read from headers only (nothing is materialised)."""
+    directory = Path(path).expanduser()
+    config = read_config(directory)
+    files = weight_files(directory)
+    count, dtypes = 0, set()
+    for file in files:
+        for _, shape, dtype in _tensor_headers(file):
+            count += _numel(shape)
+            dtypes.add(dtype)
+    return {
+        "path": str(directory),
+        "config": config.to_dict(),
+        "parameters": count,
+        "dtype_on_disk": sorted(dtypes),
+        "weight_files": [f.name for f in files],
+        "size_on_disk_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        "tokenizer": (directory / "ice_text.model").exists(),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor_headers(path: Path) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) per tensor; safetensors from its header, .bin via a memory map."""
+    if path.suffix != ".safetensors":
+        for name, tensor in read_shard(path):
+            yield name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+        return
+    header_len = int.from_bytes(path.open("rb").read(8), "little")
+    with path.open("rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e}); re-download it") from e
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
+    for name, meta in header.items():
+        if name != "__metadata__":
+            yield name, tuple(meta["shape"]), names.get(meta["dtype"], meta["dtype"].lower())

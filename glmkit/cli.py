@@ -1,0 +1,212 @@
+"""The `glmkit` command: one plain function per subcommand, a table that maps names to them.
+
+    glmkit chat     [--model PATH]            streaming chat in the terminal
+    glmkit generate [--model PATH] PROMPT     one answer to stdout, for scripts
+    glmkit info     PATH                      what a model directory holds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from glmkit.api import NoDefaultModelError, load
+from glmkit.chat import CHAT_DEFAULTS
+from glmkit.checkpoint import CheckpointError, describe
+from glmkit.config import ConfigError
+
+CHAT_HELP = """\
+glmkit chat: type a message and press Enter.
+  clear          forget the conversation so far
+  stop, Ctrl-D   leave
+  Ctrl-C         interrupt the answer being written (the conversation goes on)
+  a line ending in \\ continues on the next line; \"\"\" on its own line starts and ends a block"""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", type=Path, default=None,
+                        help="model directory in the official HF layout (default: the shipped demo model)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
+    group = parser.add_argument_group("sampling")
+    if sample_by_default:
+        group.add_argument("--greedy", dest="do_sample", action="store_false", help="always pick the likeliest token")
+    else:
+        group.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=CHAT_DEFAULTS["temperature"])
+    group.add_argument("--top-p", type=float, default=CHAT_DEFAULTS["top_p"])
+    group.add_argument("--top-k", type=int, default=CHAT_DEFAULTS["top_k"], help="0 disables top-k")
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--max-length", type=int, default=CHAT_DEFAULTS["max_length"],
+                       help="prompt plus answer, in tokens (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed)
+
+
+def read_query(prompt: str) -> str:
+    """One message: a line, lines joined by trailing backslashes, or a \"\"\" block."""
+    line = input(prompt)
+    if line.strip() == '"""':
+        lines = []
+        while (line := input("... ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input("... ")
+    return "\n".join([*lines, line])
+
+
+def print_stream(responses: Iterator[str]) -> str:
+    """Print a growing, cleaned-up response; hold back its last character, which the clean-up may still change."""
+    printed, response = "", ""
+    for response in responses:
+        stable = response[:-1]
+        if stable.startswith(printed):
+            sys.stdout.write(stable[len(printed):])
+            sys.stdout.flush()
+            printed = stable
+    sys.stdout.write(response[len(printed):] if response.startswith(printed) else "\n" + response)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return response
+
+
+def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str:
+    """Stream one answer; Ctrl-C stops it and keeps what was written so far."""
+    sys.stdout.write("GLM: ")
+    latest = ""
+
+    def responses() -> Iterator[str]:
+        nonlocal latest
+        for latest, _ in model.stream_chat(tokenizer, query, history, **options):  # noqa: B007
+            yield latest
+
+    try:
+        return print_stream(responses())
+    except KeyboardInterrupt:
+        print(" [interrupted]")
+        return latest
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            query = read_query("You: ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if query.strip() == "stop":
+            return 0
+        if query.strip() == "clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not query.strip():
+            continue
+        try:
+            response = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"\n(not answered: {e}; type 'clear' to start over)")
+            continue
+        history = history + [(query, response)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == ["-"] else " ".join(args.prompt)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    from glmkit.chat import stream_text
+    from glmkit.generation import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
+                            stop=tuple(args.stop), **sampling_kwargs(args))
+    printed = ""
+    for text in stream_text(model, tokenizer, tokenizer.encode(prompt), params):
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    facts = describe(args.path)
+    if args.json:
+        print(json.dumps(facts, indent=2, ensure_ascii=False))
+        return 0
+    c = facts["config"]
+    print(f"model        {facts['path']}")
+    print(f"architecture GLM ({'2D' if c['position_encoding_2d'] else '1D'} rotary), {c['num_layers']} layers, "
+          f"hidden {c['hidden_size']}, {c['num_attention_heads']} heads, MLP {c['inner_hidden_size']}")
+    print(f"vocabulary   {c['vocab_size']} ids; context {c['max_sequence_length']} tokens")
+    print(f"parameters   {facts['parameters']:,} ({facts['parameters'] / 1e9:.2f} B)")
+    print(f"dtype        {', '.join(facts['dtype_on_disk'])} on disk (config: {c['torch_dtype']})")
+    print(f"size on disk {facts['size_on_disk_bytes'] / 2**20:.1f} MiB in {len(facts['weight_files'])} weight file(s)")
+    print(f"tokenizer    {'ice_text.model present' if facts['tokenizer'] else 'missing (no ice_text.model)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmkit", description="Run the GLM model family (ChatGLM-6B) in PyTorch.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Examples:\n  glmkit chat\n  glmkit chat --model ~/models/chatglm-6b\n"
+                                            "  glmkit generate --model ~/models/chatglm-6b \"你好\"\n"
+                                            "  glmkit info ~/models/chatglm-6b")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="chat in the terminal, streaming the answers",
+                          description=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(chat)
+    add_sampling_args(chat, sample_by_default=True)
+    chat.set_defaults(func=cmd_chat)
+
+    gen = sub.add_parser("generate", help="answer one prompt on stdout (greedy unless --sample)",
+                         description="Answer one prompt and print it to stdout, streaming. The prompt is encoded "
+                                     "as the first turn of a chat ('[gMASK] <sop>' appended).")
+    gen.add_argument("prompt", nargs="+", help="the prompt; '-' reads it from stdin")
+    add_model_args(gen)
+    add_sampling_args(gen, sample_by_default=False)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens")
+    gen.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="describe a model directory without loading it")
+    info.add_argument("path", type=Path)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"glmkit: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,138 @@
+"""Model configuration: one dataclass for the GLM family, read from and written to `config.json`.
+
+The field names are the official ChatGLM-6B `config.json` keys, so a directory glmkit writes loads in
+the official code and vice versa. Keys glmkit adds (prefixed by nothing special, ignored by the
+official code's `**kwargs`) make implicit official behaviour explicit, like the residual scale.
+No torch import here: the config is data, importable by tools that never build a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# The official ChatGLM-6B blocks are built without `num_layers`, so they all use the default depth
+# of 28 for the DeepNorm residual scale, whatever the model's real depth. Models that must load in
+# the official code follow the same rule.
+OFFICIAL_ALPHA_DEPTH = 28
+
+MLP_TYPES = ("gelu",)  # GLM-130B's "geglu" and ChatGLM2's "swiglu" come with their issues
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config.json that glmkit cannot use, with the reason."""
+
+
+@dataclass
+class GLMConfig:
+    """Hyper-parameters of a GLM model; defaults are the released ChatGLM-6B's."""
+
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    inner_hidden_size: int = 16384
+    max_sequence_length: int = 2048
+    layernorm_epsilon: float = 1e-5
+    position_encoding_2d: bool = True
+    bos_token_id: int = 130004  # <sop>
+    eos_token_id: int = 130005  # <eop>
+    mask_token_id: int = 130000  # [MASK]
+    gmask_token_id: int = 130001  # [gMASK]
+    pad_token_id: int = 3
+    torch_dtype: str = "float16"
+    tie_word_embeddings: bool = True
+    # glmkit's explicit versions of what the official code fixes implicitly.
+    residual_alpha: float = math.sqrt(2 * OFFICIAL_ALPHA_DEPTH)
+    rotary_base: float = 10000.0
+    mlp_type: str = "gelu"
+    # Keys we do not interpret (architectures, auto_map, ...) are kept and written back.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Fail at load time, naming the field, rather than deep inside a matmul."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.position_encoding_2d and self.head_dim % 4:
+            raise ConfigError(f"2D rotary positions need a head dim divisible by 4, got {self.head_dim}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
+        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
+            token = getattr(self, name)
+            if not 0 <= token < self.vocab_size:
+                raise ConfigError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
+        _reject_other_generations(data)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k != "extra"}
+        if kwargs.get("inner_hidden_size") is None:
+            kwargs["inner_hidden_size"] = 4 * kwargs.get("hidden_size", cls.hidden_size)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"invalid config: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, "model_type": "chatglm", **data}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original download") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def save(self, directory: str | Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        (Path(directory) / "config.json").write_text(text, encoding="utf-8")
+
+
+def _reject_other_generations(data: dict[str, Any]) -> None:
+    if "padded_vocab_size" in data or "multi_query_group_num" in data:
+        raise ConfigError(
+            "this is a ChatGLM2/ChatGLM3/GLM-4 config (padded_vocab_size / multi_query_group_num); "
+            "glmkit loads the ChatGLM-6B (v1) format so far"
+        )
+    if data.get("model_type", "chatglm") != "chatglm":
+        raise ConfigError(f"model_type {data['model_type']!r} is not 'chatglm'")
+
+
+# Named presets, as plain dicts. https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
+PRESETS: dict[str, dict[str, Any]] = {
+    "chatglm-6b": {},
+    # The first release: 20000 image tokens in front of the text vocabulary.
+    "chatglm-6b-150k": dict(
+        vocab_size=150528, bos_token_id=150004, eos_token_id=150005, mask_token_id=150000,
+        gmask_token_id=150001, pad_token_id=20003,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> GLMConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return GLMConfig(**{**PRESETS[name], **overrides})

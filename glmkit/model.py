@@ -1,0 +1,267 @@
+"""The GLM transformer as ChatGLM-6B uses it, read top to bottom.
+
+    input_ids ─ word_embeddings ─┬─ GLMBlock x num_layers ─ final_layernorm ─ lm_head (tied) ─ logits
+                                 │
+    GLMBlock (DeepNorm-style post-norm: the residual is the *normalised* input, scaled by alpha):
+        x = input_layernorm(h);          h = alpha * x + attention(x)
+        x = post_attention_layernorm(h); h = alpha * x + mlp(x)
+
+Parameter names are the official checkpoint's (`transformer.layers.0.attention.query_key_value`...),
+so loading is a plain state-dict copy. Activations are [batch, seq, hidden] (the official code uses
+[seq, batch, hidden]; the numbers are the same). Masks follow the official convention:
+bool, True = blocked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmkit.config import GLMConfig
+from glmkit.positions import SpecialIds, model_layout
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of rotary angles, computed per call from explicit positions.
+
+    `inv_freq` is rounded to fp16 because the official code does so unconditionally; without it
+    fp32 logits drift by ~1e-3. In fp16 the official code also multiplies positions by inv_freq in
+    fp16, which we reproduce; in fp32 and bf16 the angles are computed in fp32 (the official bf16 path
+    builds positions in bf16, losing integers above 256, which we deliberately do not copy)."""
+
+    def __init__(self, dim: int, base: float) -> None:
+        super().__init__()
+        self.dim, self.base = dim, base
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Computed per call (a few dozen numbers), so a model built on the meta device needs no fix-up.
+        return (1.0 / self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim)).half().float()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, S] -> cos, sin [B, S, 1, dim] (the 1 broadcasts over heads)."""
+        compute = torch.float16 if dtype == torch.float16 else torch.float32
+        freqs = positions.to(compute)[..., None] * self.inv_freq(positions.device).to(compute)  # [B, S, dim/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX convention: the two halves of the last dim form the (real, imag) pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values of one layer, [batch, heads, max_length, head_dim].
+
+    Keys are stored after rotary embedding, so decoding never re-rotates the past."""
+
+    def __init__(self, batch_size: int, max_length: int, heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, heads, max_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, S, D] at positions start..start+S; return everything up to there."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; writing up to {end} overflows it")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass
+class Rope:
+    """The rotary tables of one forward pass, shared by every layer."""
+
+    cos: torch.Tensor  # [B, S, 1, rotary_dim], or [2, B, S, 1, rotary_dim] for 2D positions
+    sin: torch.Tensor
+    two_d: bool
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D]. 2D: first half of each head by position, second half by block position."""
+        if not self.two_d:
+            return apply_rotary(x, self.cos, self.sin)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([apply_rotary(x1, self.cos[0], self.sin[0]), apply_rotary(x2, self.cos[1], self.sin[1])], -1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: int | None):
+        batch, seq, _ = x.shape
+        # The fused projection is interleaved per head: [q_h | k_h | v_h] for each head h.
+        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, S, H, D]
+        q, k = rope.apply(q), rope.apply(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        if self.kv_cache is not None and cache_position is not None:
+            k, v = self.kv_cache.update(cache_position, k, v)  # [B, H, T, D]
+        # The official (layer_id + 1) query scaling cancels out; it only guards fp16 overflow, which
+        # SDPA's fp32 accumulation already avoids.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.alpha = config.residual_alpha
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: int | None):
+        x = self.input_layernorm(h)
+        h = x * self.alpha + self.attention(x, rope, allowed, cache_position)
+        x = self.post_attention_layernorm(h)
+        return x * self.alpha + self.mlp(x)
+
+
+class GLMTransformer(nn.Module):
+    """Embeddings, blocks and the final norm: token ids in, hidden states out."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        self.rotary = RotaryEmbedding(rotary_dim, config.rotary_base)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """position_ids [B, P, S] with P = 2 (position, block position) or 1."""
+        if self.config.position_encoding_2d:
+            tables = [self.rotary(position_ids[:, i], dtype) for i in range(2)]
+            return Rope(torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables]), two_d=True)
+        cos, sin = self.rotary(position_ids[:, 0], dtype)
+        return Rope(cos, sin, two_d=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache_position: int | None = None,
+    ) -> torch.Tensor:
+        h = self.word_embeddings(input_ids)
+        rope = self.rope(position_ids, h.dtype)
+        allowed = None if attention_mask is None else _allowed(attention_mask, cache_position or 0)
+        for layer in self.layers:
+            h = layer(h, rope, allowed, cache_position)
+        return self.final_layernorm(h)
+
+
+def _allowed(blocked: torch.Tensor, offset: int) -> torch.Tensor:
+    """Invert an official mask [B, 1, S, T] and open each token to itself.
+
+    Padding rows are fully blocked in the official mask; the official softmax turns them into a
+    uniform average, SDPA would turn them into NaN. Letting a pad see itself keeps them finite and
+    changes nothing for real tokens, which never attend to pads."""
+    allowed = ~blocked.bool()
+    seq = allowed.shape[-2]
+    rows = torch.arange(seq, device=allowed.device)
+    diagonal = torch.zeros_like(allowed[0, 0])
+    diagonal[rows, rows + offset] = True
+    return allowed | diagonal
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, vocab] (or [B, 1, vocab] with last_only)
+    hidden_states: torch.Tensor  # [B, S, hidden], after the final layer norm
+
+
+class GLM(nn.Module):
+    """The causal LM: GLMTransformer plus the (tied) output projection."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GLMTransformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        c = self.config
+        return SpecialIds(bos=c.bos_token_id, mask=c.mask_token_id, gmask=c.gmask_token_id, pad=c.pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.word_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache_position: int | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, S]. Without positions and mask, they are derived from the ids exactly as the
+        official model does (pads count as context). With a KV cache set up, `cache_position` is where
+        these tokens go in it, and positions must be given for anything but the first chunk."""
+        if position_ids is None:
+            if cache_position:
+                raise ValueError("position_ids are required when continuing from a KV cache")
+            position_ids, derived_mask = model_layout(input_ids, self.special_ids, self.config.position_encoding_2d)
+            attention_mask = derived_mask if attention_mask is None else attention_mask
+        self.check_length(cache_position or 0, input_ids.shape[1])
+        hidden = self.transformer(input_ids, position_ids, attention_mask, cache_position)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return CausalLMOutput(logits=logits, hidden_states=hidden)
+
+    def check_length(self, start: int, count: int) -> None:
+        end = start + count
+        if end > self.config.max_sequence_length:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the model's context (max_sequence_length "
+                f"{self.config.max_sequence_length}); shorten the prompt or the history"
+            )
+
+    def setup_kv_cache(self, batch_size: int, max_length: int) -> None:
+        """Allocate every layer's cache once, so decoding never reallocates."""
+        c = self.config
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache = KVCache(
+                batch_size, max_length, c.num_attention_heads, c.head_dim, self.dtype, self.device
+            )
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache = None
