@@ -101,3 +101,17 @@ def test_load_without_a_path_explains_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(glmkit.api, "DEMO_MODEL_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="pass --model PATH"):
         glmkit.load()
+
+
+def test_first_release_vocabulary_with_20000_image_tokens(tokenizer_dir, tmp_path):
+    """The first ChatGLM-6B release put 20000 image tokens before the text pieces (ids 150xxx)."""
+    from glmkit import ChatGLMTokenizer
+    shifted = ChatGLMTokenizer(tokenizer_dir / "ice_text.model", num_image_tokens=20000)
+    model, tokenizer = glmkit.load(write_chat_model(tmp_path, shifted), progress=False)
+    assert tokenizer.num_image_tokens == 20000
+    assert model.config.bos_token_id == tokenizer.bos_token_id == shifted.sp.piece_to_id("<sop>") + 20000
+    ids = tokenizer.encode("hello")
+    assert min(ids) >= 20000 and ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8)[0, len(ids):].tolist()
+    response, _ = model.chat(tokenizer, "hello", do_sample=False, max_new_tokens=8)
+    assert response == process_response(tokenizer.decode([t for t in out if t >= 20000]))
