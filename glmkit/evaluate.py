@@ -1,0 +1,86 @@
+"""Measuring a chat model: exact-match accuracy on held-out questions, and perplexity on held-out text.
+
+Accuracy uses the same path as a user's chat (prompt format, greedy decoding, process_response),
+batched through the left-padded generator, which gives the same answers as one prompt at a time.
+Perplexity is GLM's own setting: the first half of a document is the bidirectional context with
+[gMASK], the second half is generated after <sop>, and only the second half's tokens are scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from glmkit.chat import build_prompt, process_response
+from glmkit.generation import SamplingParams, stream_tokens
+from glmkit.model import GLM
+from glmkit.objectives import IGNORE, Specials, collate, gmask_example
+from glmkit.tokenizer import ChatGLMTokenizer
+
+
+def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answers to a batch of chat records ({prompt, history})."""
+    prompts = [tokenizer.encode(build_prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,))
+    answers: list[list[int]] = [[] for _ in records]
+    done = [False] * len(records)
+    for tokens in stream_tokens(model, prompts, params):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                done[row] = token == tokenizer.eos_token_id
+                if not done[row]:
+                    answers[row].append(token)
+    return [process_response(tokenizer.decode(a)) for a in answers]
+
+
+def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 32,
+                max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
+    """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly."""
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    samples: dict[str, list] = defaultdict(list)
+    # Similar lengths together: less padding, and padding does not change answers anyway.
+    ordered = sorted(records, key=lambda r: len(r["prompt"]) + sum(len(q) + len(a) for q, a in r.get("history", [])))
+    for start in tqdm(range(0, len(ordered), batch_size), desc="evaluating", disable=not progress):
+        batch = ordered[start:start + batch_size]
+        for record, answer in zip(batch, answer_batch(model, tokenizer, batch, max_new_tokens), strict=True):
+            ok = answer == process_response(record["response"])
+            for key in (f"{record['skill']}/{record['lang']}", "all"):
+                hits[key][0] += ok
+                hits[key][1] += 1
+            if len(samples[record["skill"]]) < 3:
+                samples[record["skill"]].append({"prompt": record["prompt"], "expected": record["response"],
+                                                  "answer": answer})
+    report = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(hits.items())}
+    report["samples"] = dict(samples)
+    return report
+
+
+@torch.no_grad()
+def perplexity(model: GLM, tokenizer: ChatGLMTokenizer, texts: Sequence[str], max_tokens: int = 256,
+               batch_size: int = 16) -> float:
+    """exp(mean NLL) of each text's second half given its first half."""
+    specials = Specials(ids=tokenizer.special_ids, eop=tokenizer.eos_token_id)
+    max_tokens = min(max_tokens, model.config.max_sequence_length - 2)  # room for [gMASK] and <sop>
+    examples = []
+    for text in texts:
+        tokens = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+        if len(tokens) >= 4:
+            example = gmask_example(tokens, len(tokens) // 2, specials)
+            example.labels[-1] = IGNORE  # score the text, not the end marker
+            examples.append(example)
+    if not examples:
+        raise ValueError("no text long enough to measure perplexity")
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + batch_size],
+                                                            model.config.pad_token_id).items()}
+        logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    return math.exp(total / count)
