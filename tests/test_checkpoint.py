@@ -116,21 +116,15 @@ def test_truncated_file(model, tmp_path, safe):
         GLMForCausalLM.from_pretrained(tmp_path, progress=False)
 
 
-def test_config_that_does_not_match_the_weights(official_dir, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"inner_hidden_size": 128}, r"dense_h_to_4h.weight has shape \(256, 64\).*implies \(128, 64\)"),
+    ({"num_layers": 1}, r"layers.1.* does not match the weights"),
+], ids=["wrong-mlp-width", "fewer-layers"])
+def test_config_that_does_not_match_the_weights(official_dir, tmp_path, change, message):
     broken = copy_dir(official_dir, tmp_path / "m")
     config = json.loads((broken / "config.json").read_text())
-    config["inner_hidden_size"] = 128
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"dense_h_to_4h.weight has shape \(256, 64\).*implies \(128, 64\)"):
-        GLMForCausalLM.from_pretrained(broken, progress=False)
-
-
-def test_config_with_fewer_layers_than_the_weights(official_dir, tmp_path):
-    broken = copy_dir(official_dir, tmp_path / "m")
-    config = json.loads((broken / "config.json").read_text())
-    config["num_layers"] = 1
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="layers.1.* does not match the weights"):
+    (broken / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
         GLMForCausalLM.from_pretrained(broken, progress=False)
 
 
