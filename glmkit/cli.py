@@ -213,8 +213,8 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     from glmkit.demo import build_demo
 
     report = build_demo(args.work, args.out, tiny=args.tiny, seed=args.seed)
-    print(json.dumps({k: v for k, v in report.items() if k != "exact_match"} |
-                     {"exact_match": {k: v for k, v in report["exact_match"].items() if k != "samples"}},
+    accuracy = {k: v for k, v in report["exact_match"].items() if k != "samples"}
+    print(json.dumps({k: v for k, v in report.items() if k != "exact_match"} | {"exact_match": accuracy},
                      indent=2, ensure_ascii=False))
     print(f"model written to {args.out}")
     return 0
@@ -226,13 +226,16 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False)
     report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
-    samples = report.pop("samples")
     if args.json:
-        print(json.dumps(report | {"samples": samples}, indent=2, ensure_ascii=False))
+        print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
+    samples, language = report.pop("samples"), report.pop("answer_language_match")
     print(f"{'skill/lang':24} {'correct':>8} {'total':>6} {'accuracy':>9}")
     for key, row in report.items():
         print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}")
+    print("answers in the reference answer's language: " + ", ".join(f"{k} {v:.1%}" for k, v in language.items()))
+    for skill, rows in samples.items():
+        print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
     return 0
 
 

@@ -38,10 +38,18 @@ def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict
     return [process_response(tokenizer.decode(a)) for a in answers]
 
 
+def language_of(text: str) -> str:
+    """"zh" when Chinese characters outnumber Latin letters, else "en" (an English answer may quote a Chinese word)."""
+    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)
+    latin = sum(ch.isascii() and ch.isalpha() for ch in text)
+    return "zh" if cjk > latin else "en"
+
+
 def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 32,
                 max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
     """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly."""
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    same_language: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     samples: dict[str, list] = defaultdict(list)
     # Similar lengths together: less padding, and padding does not change answers anyway.
     ordered = sorted(records, key=lambda r: len(r["prompt"]) + sum(len(q) + len(a) for q, a in r.get("history", [])))
@@ -52,11 +60,17 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
             for key in (f"{record['skill']}/{record['lang']}", "all"):
                 hits[key][0] += ok
                 hits[key][1] += 1
+            expected_language = language_of(record["response"])
+            same_language[expected_language][0] += language_of(answer) == expected_language
+            same_language[expected_language][1] += 1
             if len(samples[record["skill"]]) < 3:
                 samples[record["skill"]].append({"prompt": record["prompt"], "expected": record["response"],
                                                   "answer": answer})
     report = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(hits.items())}
     report["samples"] = dict(samples)
+    # Whether answers come in the language the reference answer is in (that of the question, except for
+    # poems, whose lines are Chinese whatever the question's language).
+    report["answer_language_match"] = {k: round(c / n, 4) for k, (c, n) in sorted(same_language.items())}
     return report
 
 

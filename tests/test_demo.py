@@ -41,3 +41,22 @@ def test_rerunning_the_build_resumes_instead_of_starting_over(built):
     build_demo(work, out, tiny=True, progress=False)
     assert (work / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == before
     assert (work / "pretrain" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_eval_chat_prints_a_table_per_skill_and_language(built):
+    import subprocess
+    import sys
+    work, out, _ = built
+    result = subprocess.run([sys.executable, "-m", "glmkit", "eval-chat", "--model", str(out), "--data",
+                             str(work / "data" / "sft" / "heldout.jsonl")], capture_output=True, text=True,
+                            check=True, timeout=300)
+    assert "capital/en" in result.stdout and "capital/zh" in result.stdout and "all" in result.stdout
+    assert "answers in the reference answer's language" in result.stdout
+
+
+def test_language_of_answers():
+    from glmkit.evaluate import language_of
+    assert language_of("'apple' in Chinese is 苹果.") == "en"
+    assert language_of("“苹果”的英文是 apple。") == "zh"
+    assert language_of("37 + 45 = 82.") == "en" and language_of("37加45等于82。") == "zh"
