@@ -14,6 +14,8 @@ bool, True = blocked.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,10 @@ from torch import nn
 
 from glmkit.config import GLMConfig
 from glmkit.positions import SpecialIds, model_layout
+
+# Where new tokens go in the KV cache: one offset for the whole batch, or one per row (decoding
+# requests of different lengths together), or None without a cache.
+CachePosition = int | torch.Tensor | None
 
 
 class RotaryEmbedding(nn.Module):
@@ -69,14 +75,40 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, S, D] at positions start..start+S; return everything up to there."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, S, D] at positions start..start+S; return everything up to there.
+
+        `start` may also be a LongTensor [B] of per-row positions for one token each (S = 1): that is
+        how continuous batching decodes requests of different lengths in one step. Rows are then
+        the first B slots of the cache, and the caller's mask says which positions each row may see."""
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            end = int(start.max()) + 1
+            self._check_room(end)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
+            return self.k[: k.shape[0], :, :end], self.v[: k.shape[0], :, :end]
         end = start + k.shape[2]
+        self._check_room(end)
+        self.k[: k.shape[0], :, start:end] = k
+        self.v[: k.shape[0], :, start:end] = v
+        return self.k[: k.shape[0], :, :end], self.v[: k.shape[0], :, :end]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop that shares this one's memory (to prefill one batch slot)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
+    def _check_room(self, end: int) -> None:
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; writing up to {end} overflows it")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 @dataclass
@@ -104,7 +136,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: int | None):
+    def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition):
         batch, seq, _ = x.shape
         # The fused projection is interleaved per head: [q_h | k_h | v_h] for each head h.
         qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
@@ -138,7 +170,7 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: int | None):
+    def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition):
         x = self.input_layernorm(h)
         h = x * self.alpha + self.attention(x, rope, allowed, cache_position)
         x = self.post_attention_layernorm(h)
@@ -170,23 +202,27 @@ class GLMTransformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        cache_position: int | None = None,
+        cache_position: CachePosition = None,
     ) -> torch.Tensor:
         h = self.word_embeddings(input_ids)
         rope = self.rope(position_ids, h.dtype)
-        allowed = None if attention_mask is None else _allowed(attention_mask, cache_position or 0)
+        allowed = None if attention_mask is None else _allowed(attention_mask, cache_position)
         for layer in self.layers:
             h = layer(h, rope, allowed, cache_position)
         return self.final_layernorm(h)
 
 
-def _allowed(blocked: torch.Tensor, offset: int) -> torch.Tensor:
+def _allowed(blocked: torch.Tensor, offset: CachePosition) -> torch.Tensor:
     """Invert an official mask [B, 1, S, T] and open each token to itself.
 
     Padding rows are fully blocked in the official mask; the official softmax turns them into a
     uniform average, SDPA would turn them into NaN. Letting a pad see itself keeps them finite and
-    changes nothing for real tokens, which never attend to pads."""
+    changes nothing for real tokens, which never attend to pads. (Per-row cache positions come from
+    the batching engine, whose masks always open each token to itself.)"""
     allowed = ~blocked.bool()
+    if isinstance(offset, torch.Tensor):
+        return allowed
+    offset = offset or 0
     seq = allowed.shape[-2]
     rows = torch.arange(seq, device=allowed.device)
     diagonal = torch.zeros_like(allowed[0, 0])
@@ -230,7 +266,7 @@ class GLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
-        cache_position: int | None = None,
+        cache_position: CachePosition = None,
         last_only: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, S]. Without positions and mask, they are derived from the ids exactly as the
@@ -241,7 +277,8 @@ class GLM(nn.Module):
                 raise ValueError("position_ids are required when continuing from a KV cache")
             position_ids, derived_mask = model_layout(input_ids, self.special_ids, self.config.position_encoding_2d)
             attention_mask = derived_mask if attention_mask is None else attention_mask
-        self.check_length(cache_position or 0, input_ids.shape[1])
+        start = int(cache_position.max()) if isinstance(cache_position, torch.Tensor) else cache_position or 0
+        self.check_length(start, input_ids.shape[1])
         hidden = self.transformer(input_ids, position_ids, attention_mask, cache_position)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         return CausalLMOutput(logits=logits, hidden_states=hidden)
@@ -261,6 +298,22 @@ class GLM(nn.Module):
             layer.attention.kv_cache = KVCache(
                 batch_size, max_length, c.num_attention_heads, c.head_dim, self.dtype, self.device
             )
+
+    @contextmanager
+    def kv_cache_rows(self, slot: int) -> Iterator[None]:
+        """Within the block, the model sees only row `slot` of its caches (batch slot prefill)."""
+        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
+        try:
+            for layer, cache in zip(self.transformer.layers, caches, strict=True):
+                layer.attention.kv_cache = cache.rows(slot, slot + 1)
+            yield
+        finally:
+            for layer, cache in zip(self.transformer.layers, caches, strict=True):
+                layer.attention.kv_cache = cache
+
+    def move_kv_cache_row(self, src: int, dst: int) -> None:
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache.move_row(src, dst)
 
     def clear_kv_cache(self) -> None:
         for layer in self.transformer.layers:

@@ -1,0 +1,84 @@
+"""The engine loop: schedule -> run the model -> update requests, one token per running request a step."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from glmkit.engine.request import Request, StepOutput
+from glmkit.engine.runner import ModelRunner
+from glmkit.engine.scheduler import Scheduler
+from glmkit.generation import SamplingParams
+from glmkit.model import GLM
+
+
+class Engine:
+    """Continuous batching over one model: `add_request`, then call `step` until `has_work` is False."""
+
+    def __init__(self, model: GLM, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None) -> None:
+        self.model = model
+        self.max_length = max_length or model.config.max_sequence_length
+        self.scheduler = Scheduler(max_batch, max_queue)
+        self.runner = ModelRunner(model, max_batch, self.max_length)
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Queue a request; raises ValueError for a prompt that cannot fit, QueueFull when the queue is full."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        budget = params.new_token_budget(len(prompt_ids), self.max_length)
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, budget)
+        self.scheduler.add(request)
+        return request
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        """Drop a request now (a client went away): a waiting one leaves the queue, a running one its slot."""
+        request = self.scheduler.abort_waiting(request_id) or self.scheduler.find_running(request_id)
+        if request is None:
+            return None
+        request.finish_reason = "abort"
+        if request in self.scheduler.running:
+            self._release(request)
+        return StepOutput(request_id, None, "abort")
+
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
+        produced: list[tuple[Request, int]] = []
+        if plan.decoding:
+            tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding], [r.params for r in plan.decoding])
+            produced += zip(plan.decoding, tokens, strict=True)
+        for slot, request in plan.admitted:
+            produced.append((request, self.runner.prefill(slot, request.prompt_ids, request.params)))
+        outputs = []
+        for request, token in produced:
+            request.output_ids.append(token)
+            request.finish_reason = self._finish_reason(request, token)
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason))
+        for request, _ in produced:
+            if request.finished:
+                self._release(request)
+        return outputs
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        eos = request.params.eos_token_ids or (self.model.config.eos_token_id,)
+        if token in eos:
+            return "stop"
+        if len(request.output_ids) >= request.budget:
+            return "length"
+        return None
+
+    def _release(self, request: Request) -> None:
+        move = self.scheduler.finish(request)
+        if move is not None:
+            self.runner.move(*move)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """One request, run to the end on its own (convenient for scripts and tests)."""
+        request = self.add_request(prompt_ids, params)
+        while not request.finished:
+            for output in self.step():
+                if output.request_id == request.request_id and output.token_id is not None:
+                    yield output.token_id

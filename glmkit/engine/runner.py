@@ -1,0 +1,73 @@
+"""Runs the model for the engine: prefill one request into its cache slot, decode all running slots.
+
+Each request keeps its own sampling state (seen tokens for the repetition penalty, its seeded
+generator), so a request samples exactly as it would alone, whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.generation import SamplingParams, make_generator, process_logits, sample
+from glmkit.model import GLM
+from glmkit.positions import sequence_layout
+
+
+class ModelRunner:
+    def __init__(self, model: GLM, max_batch: int, max_length: int) -> None:
+        self.model = model
+        self.max_length = max_length
+        model.setup_kv_cache(max_batch, max_length)
+        device = model.device
+        planes = 2 if model.config.position_encoding_2d else 1
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)  # tokens in each slot's cache
+        self.last_positions = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)
+        self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        self.generators: list[torch.Generator | None] = [None] * max_batch
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Encode a prompt into `slot` and return its first new token."""
+        model = self.model
+        positions, blocked = sequence_layout(prompt_ids, model.special_ids, prefer_gmask=False,
+                                             two_d=model.config.position_encoding_2d)
+        ids = torch.tensor([prompt_ids], device=model.device)
+        with model.kv_cache_rows(slot):
+            out = model(ids, positions[None].to(model.device), blocked[None, None].to(model.device),
+                        cache_position=0, last_only=True)
+        self.lengths[slot] = len(prompt_ids)
+        self.last_positions[slot] = positions[:, -1:].to(model.device)
+        self.seen[slot] = False
+        self.seen[slot, ids[0]] = True
+        self.generators[slot] = make_generator(params.seed, model.device)
+        return self._sample(slot, out.logits[0, -1].float(), params)
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], params: list[SamplingParams]) -> list[int]:
+        """Feed each of slots 0..n-1 its latest token; return each slot's next token."""
+        n = len(tokens)
+        model = self.model
+        step = torch.zeros_like(self.last_positions[:n])
+        step[:, -1] = 1  # the block position counts on (2D), or the position itself (1D)
+        positions = self.last_positions[:n] + step
+        lengths = self.lengths[:n]
+        span = int(lengths.max()) + 1
+        blocked = torch.arange(span, device=model.device)[None, :] > lengths[:, None]  # [n, span]
+        ids = torch.tensor(tokens, device=model.device)[:, None]
+        out = model(ids, positions, blocked[:, None, None, :], cache_position=lengths.clone(), last_only=True)
+        self.lengths[:n] += 1
+        self.last_positions[:n] = positions
+        return [self._sample(row, out.logits[row, -1].float(), params[row]) for row in range(n)]
+
+    def _sample(self, slot: int, logits: torch.Tensor, params: SamplingParams) -> int:
+        scores = process_logits(logits[None], self.seen[slot:slot + 1], params)
+        token = int(sample(scores, params, self.generators[slot])[0])
+        self.seen[slot, token] = True
+        return token
+
+    def move(self, src: int, dst: int) -> None:
+        """Move a request's whole state from slot src to slot dst (the scheduler compacts the batch)."""
+        self.model.move_kv_cache_row(src, dst)
+        for tensor in (self.lengths, self.last_positions, self.seen):
+            tensor[dst] = tensor[src]
+        self.generators[dst] = self.generators[src]
