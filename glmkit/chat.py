@@ -51,7 +51,7 @@ def process_response(text: str) -> str:
     return text
 
 
-def _held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """(text safe to show, whether a stop string ended it).
 
     A tail that could still grow into a stop string is withheld, so streamed text is never retracted."""
@@ -72,7 +72,7 @@ def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], par
         if token in eos:
             break
         new.append(token)
-        text, stopped = _held_back(tokenizer.decode(new), params.stop)
+        text, stopped = held_back(tokenizer.decode(new), params.stop)
         if stopped:
             yield text
             return

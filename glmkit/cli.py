@@ -171,6 +171,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from glmkit.serve.app import create_app, model_name_for
+
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    name = args.served_model_name or model_name_for(args.model)
+    app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
+                     max_queue=args.max_queue, cors_origins=args.cors_origin)
+    print(f"glmkit: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from glmkit.data.build import build_dataset
 
@@ -237,6 +251,22 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     for skill, rows in samples.items():
         print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
     return 0
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the legacy ChatGLM API",
+                           description="One process: POST /v1/chat/completions, /v1/completions, GET /v1/models "
+                                       "(OpenAI), POST / (ChatGLM-6B's api.py), GET /health, /metrics. "
+                                       "Concurrent requests share the model through continuous batching.")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    serve.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send")
+    serve.set_defaults(func=cmd_serve)
 
 
 def add_pipeline_parsers(sub) -> None:
@@ -310,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+    add_serve_parser(sub)
     add_pipeline_parsers(sub)
     return parser
 

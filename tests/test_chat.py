@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.chat import _held_back, build_prompt, process_response, stream_text
+from glmkit.chat import build_prompt, held_back, process_response, stream_text
 from glmkit.generation import SamplingParams
 
 from tiny import write_chat_model
@@ -37,10 +37,10 @@ def test_process_response_rules(raw, clean):
 
 
 def test_held_back_never_shows_text_a_stop_string_could_still_claim():
-    assert _held_back("abc##", ["###"]) == ("abc", False)
-    assert _held_back("abc###def", ["###"]) == ("abc", True)
-    assert _held_back("abc#", ["#!", "zz"]) == ("abc", False)
-    assert _held_back("abc", []) == ("abc", False)
+    assert held_back("abc##", ["###"]) == ("abc", False)
+    assert held_back("abc###def", ["###"]) == ("abc", True)
+    assert held_back("abc#", ["#!", "zz"]) == ("abc", False)
+    assert held_back("abc", []) == ("abc", False)
 
 
 def test_chat_matches_generate_on_the_same_prompt(loaded):

@@ -1,0 +1,1 @@
+"""HTTP serving: OpenAI-compatible and legacy ChatGLM APIs over the batching engine."""

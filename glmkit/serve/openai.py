@@ -1,0 +1,215 @@
+"""The OpenAI-compatible and legacy ChatGLM APIs: requests in, engine calls, responses out.
+
+No tensors here: prompts become token ids through the tokenizer, the AsyncEngine produces token ids,
+and this module turns them back into text, applying stop strings and ChatGLM's response clean-up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from glmkit.chat import build_prompt, held_back, process_response
+from glmkit.engine.async_engine import AsyncEngine
+from glmkit.generation import SamplingParams
+from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
+from glmkit.tokenizer import ChatGLMTokenizer
+
+
+class APIError(Exception):
+    """An error to send back in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Metrics:
+    requests: dict[str, int] = field(default_factory=dict)  # "endpoint status" -> count
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def count(self, endpoint: str, status: int) -> None:
+        key = f'endpoint="{endpoint}",status="{status}"'
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, tokenizer: ChatGLMTokenizer, model_name: str, context: int) -> None:
+        self.engine, self.tokenizer, self.model_name, self.context = engine, tokenizer, model_name, context
+        self.metrics = Metrics()
+
+    # ----- shared steps
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           code="model_not_found", param="model")
+
+    def encode(self, prompt: str, max_tokens: int | None) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {self.context}; "
+                                "shorten the messages", code="context_length_exceeded", param="messages")
+        if max_tokens is not None and len(ids) + max_tokens > self.context:
+            raise APIError(400, f"max_tokens {max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's "
+                                f"context of {self.context}; ask for at most {self.context - len(ids)}",
+                           code="context_length_exceeded", param="max_tokens")
+        return ids
+
+    def params(self, request: SamplingFields) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+            temperature=request.temperature or 1.0, top_p=request.top_p, seed=request.seed,
+            eos_token_ids=(self.tokenizer.eos_token_id,),
+            invalid_score_token_id=self.tokenizer.convert_tokens_to_ids("▁"),
+        )
+
+    async def stream(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...],
+                     clean: bool) -> AsyncIterator[tuple[str, Completion | None]]:
+        """Yield (new text, None) as it settles, then ("", the whole completion) at the end."""
+        new: list[int] = []
+        shown, finish = "", "length"
+        started = time.perf_counter()
+        # aclosing: leaving early (a stop string, a client gone) closes the engine's iterator, which aborts
+        # the request and frees its batch slot at once.
+        async with aclosing(self.engine.generate(ids, params, uuid.uuid4().hex)) as outputs:
+            async for output in outputs:
+                if output.finish_reason == "stop" or output.token_id is None:
+                    finish = "stop"
+                    break
+                new.append(output.token_id)
+                text, stopped = held_back(self.tokenizer.decode(new), stop)
+                text = process_response(text) if clean else text
+                # The clean-up may still change the last character (punctuation beside a CJK character).
+                settled = text[:-1] if clean and not stopped else text
+                if settled.startswith(shown) and not settled.endswith("\ufffd") and len(settled) > len(shown):
+                    yield settled[len(shown):], None
+                    shown = settled
+                if stopped:
+                    finish = "stop"
+                    break
+        text, _ = held_back(self.tokenizer.decode(new), stop)
+        text = process_response(text) if clean else text
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):], None
+        self.metrics.prompt_tokens += len(ids)
+        self.metrics.completion_tokens += len(new)
+        self.metrics.latency_sum += time.perf_counter() - started
+        self.metrics.latency_count += 1
+        yield "", Completion(text, len(ids), len(new), finish)
+
+    async def complete(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...], clean: bool) -> Completion:
+        async for _, done in self.stream(ids, params, stop, clean):
+            if done is not None:
+                return done
+        raise AssertionError("the stream ended without a completion")
+
+    # ----- endpoints
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        """ChatGLM-6B has no system role: system text is put before the first user message."""
+        system = "\n".join(m.content for m in messages if m.role == "system")
+        turns = [m for m in messages if m.role != "system"]
+        if not turns or turns[-1].role != "user":
+            raise APIError(400, "the last message must come from the user", param="messages")
+        expected = ["user", "assistant"] * len(turns)
+        if [m.role for m in turns] != expected[: len(turns)]:
+            raise APIError(400, "messages must alternate user, assistant, user, ... (after any system messages)",
+                           param="messages")
+        if not turns[-1].content.strip():
+            raise APIError(400, "the last user message is empty", param="messages")
+        contents = [m.content for m in turns]
+        if system:
+            contents[0] = f"{system}\n\n{contents[0]}"
+        history = list(zip(contents[0:-1:2], contents[1:-1:2], strict=True))
+        return build_prompt(contents[-1], history)
+
+    async def chat_completion(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        self.check_model(request.model)
+        ids = self.encode(self.chat_prompt(request.messages), request.max_tokens)
+        params, stop = self.params(request), request.stop_strings()
+        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return self._sse(ids, params, stop, rid, created, chat=True)
+        done = await self.complete(ids, params, stop, clean=True)
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.finish_reason}],
+            "usage": _usage(done),
+        }
+
+    async def completion(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+        self.check_model(request.model)
+        ids = self.encode(request.prompt, request.max_tokens)
+        params, stop = self.params(request), request.stop_strings()
+        created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return self._sse(ids, params, stop, rid, created, chat=False)
+        done = await self.complete(ids, params, stop, clean=False)
+        return {
+            "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}],
+            "usage": _usage(done),
+        }
+
+    async def _sse(self, ids, params, stop, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                body = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": body, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            payload = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        if chat:
+            yield chunk(None, None, first=True)
+        async for delta, done in self.stream(ids, params, stop, clean=chat):
+            if done is None:
+                yield chunk(delta, None)
+            else:
+                yield chunk(None, done.finish_reason)
+        yield "data: [DONE]\n\n"
+
+    async def legacy(self, request: LegacyRequest) -> dict:
+        """ChatGLM-6B's api.py: POST / {prompt, history, max_length, top_p, temperature}."""
+        ids = self.encode(build_prompt(request.prompt, request.history), None)
+        if len(ids) >= request.max_length:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room under "
+                                f"max_length={request.max_length}", param="max_length")
+        params = SamplingParams(max_length=request.max_length, do_sample=request.temperature > 0,
+                                temperature=request.temperature or 1.0, top_p=request.top_p, top_k=50,
+                                eos_token_ids=(self.tokenizer.eos_token_id,),
+                                invalid_score_token_id=self.tokenizer.convert_tokens_to_ids("▁"))
+        done = await self.complete(ids, params, (), clean=True)
+        history = [*[list(turn) for turn in request.history], [request.prompt, done.text]]
+        return {"response": done.text, "history": history, "status": 200,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _usage(done: Completion) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}

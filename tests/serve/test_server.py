@@ -1,0 +1,173 @@
+"""A real `glmkit serve` process on loopback, driven by the official openai client and raw HTTP."""
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import glmkit
+
+from tiny import write_chat_model
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    return write_chat_model(tmp_path_factory.mktemp("serve-model"), tokenizer, silence_eop=True)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--api-key", KEY, "--max-batch", "4", "--max-queue", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.stdout.read()}")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return glmkit.load(model_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+
+
+def name_of(model_dir):
+    return model_dir.name
+
+
+def test_chat_completion_equals_local_greedy_chat(client, model_dir, local):
+    model, tokenizer = local
+    reply = client.chat.completions.create(model=name_of(model_dir), temperature=0, max_tokens=16,
+                                           messages=[{"role": "user", "content": "你好"}])
+    expected, _ = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=16)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 16 and reply.usage.prompt_tokens == len(tokenizer.encode("你好"))
+
+
+def test_streaming_chat_gives_the_same_text(client, model_dir):
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "and?"}]
+    whole = client.chat.completions.create(model=name_of(model_dir), temperature=0, max_tokens=12, messages=messages)
+    chunks = list(client.chat.completions.create(model=name_of(model_dir), temperature=0, max_tokens=12,
+                                                 messages=messages, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_and_stop_string(client, model_dir, local):
+    model, tokenizer = local
+    full = client.completions.create(model=name_of(model_dir), prompt="hello", temperature=0, max_tokens=20)
+    text = full.choices[0].text
+    stop = text[8:10]
+    cut = client.completions.create(model=name_of(model_dir), prompt="hello", temperature=0, max_tokens=20, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_legacy_chatglm_api(server, local):
+    model, tokenizer = local
+    body = {"prompt": "你好", "history": [], "max_length": 30, "top_p": 0.7, "temperature": 0}
+    r = httpx.post(f"{server}/", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    expected, _ = model.chat(tokenizer, "你好", do_sample=False, max_length=30)
+    assert r["response"] == expected and r["history"] == [["你好", expected]] and r["status"] == 200
+    assert set(r) == {"response", "history", "status", "time"}
+
+
+def test_models_health_metrics(client, server, model_dir):
+    assert [m.id for m in client.models.list()] == [name_of(model_dir)]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "glmkit_completion_tokens_total" in metrics and 'endpoint="/v1/chat/completions",status="200"' in metrics
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "M", "messages": "hello"}, 400, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "M", "messages": []}, 400, "messages"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "context"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+])
+def test_bad_requests_get_clear_4xx(server, model_dir, body, status, fragment):
+    if isinstance(body, dict) and body.get("model") == "M":
+        body["model"] = name_of(model_dir)
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server}/v1/chat/completions", content=content, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] or fragment == error["param"], error
+    assert httpx.get(f"{server}/health").status_code == 200  # still up
+
+
+def test_wrong_api_key_is_401(server, model_dir):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=name_of(model_dir), messages=[{"role": "user", "content": "hi"}])
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_reply(server, model_dir, local):
+    model, tokenizer = local
+    prompts = [f"question {i} " * (1 + i % 5) for i in range(16)]
+    aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY)
+
+    async def one(p):
+        stream = await aclient.chat.completions.create(model=name_of(model_dir), temperature=0, max_tokens=20,
+                                                       messages=[{"role": "user", "content": p}], stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    replies = asyncio.run(all_of_them())
+    for p, reply in zip(prompts, replies, strict=True):
+        assert reply == model.chat(tokenizer, p, do_sample=False, max_new_tokens=20)[0]
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, model_dir):
+    body = {"model": name_of(model_dir), "messages": [{"role": "user", "content": "long"}], "max_tokens": 1500,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for _ in zip(range(3), r.iter_lines(), strict=False):
+            pass
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if "glmkit_running_requests 0" in httpx.get(f"{server}/metrics").text:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the disconnected request still holds its slot")
