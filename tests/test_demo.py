@@ -27,6 +27,7 @@ def test_pipeline_exports_a_loadable_chat_model(built):
     response, history = model.chat(tokenizer, "你好", do_sample=False, max_length=64)
     assert history == [("你好", response)]
     assert (out / "model.safetensors").exists() and (out / "ice_text.model").exists()
+    assert "Held-out exact match" in (out / "README.md").read_text()
     meta = json.loads((out / "eval.json").read_text())
     assert meta["sources"] and all(s["licence"] for s in meta["sources"])
     ppl = report["perplexity"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from glmkit.engine import Engine, QueueFull
 from glmkit.engine.async_engine import AsyncEngine
@@ -15,6 +15,8 @@ from glmkit.model import GLM
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
 from glmkit.tokenizer import ChatGLMTokenizer
+
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(model: GLM, tokenizer: ChatGLMTokenizer, model_name: str, *, api_key: str | None = None,
@@ -48,6 +50,10 @@ def create_app(model: GLM, tokenizer: ChatGLMTokenizer, model_name: str, *, api_
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = "the body is not valid JSON" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
         return error_response(APIError(400, message, param=where or None))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8")
 
     @app.get("/health")
     async def health():

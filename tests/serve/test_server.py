@@ -2,63 +2,16 @@
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-import glmkit
-
-from tiny import write_chat_model
-
-KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    return write_chat_model(tmp_path_factory.mktemp("serve-model"), tokenizer, silence_eop=True)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--api-key", KEY, "--max-batch", "4", "--max-queue", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read()}")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return glmkit.load(model_dir, progress=False)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+def client(server, api_key):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=api_key)
 
 
 def name_of(model_dir):
@@ -95,10 +48,10 @@ def test_completion_and_stop_string(client, model_dir, local):
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
-def test_legacy_chatglm_api(server, local):
+def test_legacy_chatglm_api(server, local, api_key):
     model, tokenizer = local
     body = {"prompt": "你好", "history": [], "max_length": 30, "top_p": 0.7, "temperature": 0}
-    r = httpx.post(f"{server}/", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    r = httpx.post(f"{server}/", json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=60).json()
     expected, _ = model.chat(tokenizer, "你好", do_sample=False, max_length=30)
     assert r["response"] == expected and r["history"] == [["你好", expected]] and r["status"] == 200
     assert set(r) == {"response", "history", "status", "time"}
@@ -121,12 +74,12 @@ def test_models_health_metrics(client, server, model_dir):
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
     ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
 ])
-def test_bad_requests_get_clear_4xx(server, model_dir, body, status, fragment):
+def test_bad_requests_get_clear_4xx(server, model_dir, body, status, fragment, api_key):
     if isinstance(body, dict) and body.get("model") == "M":
         body["model"] = name_of(model_dir)
     content = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(f"{server}/v1/chat/completions", content=content, timeout=60,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+                   headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert fragment in error["message"] or fragment == error["param"], error
@@ -139,10 +92,10 @@ def test_wrong_api_key_is_401(server, model_dir):
         bad.chat.completions.create(model=name_of(model_dir), messages=[{"role": "user", "content": "hi"}])
 
 
-def test_sixteen_concurrent_streams_each_equal_their_solo_reply(server, model_dir, local):
+def test_sixteen_concurrent_streams_each_equal_their_solo_reply(server, model_dir, local, api_key):
     model, tokenizer = local
     prompts = [f"question {i} " * (1 + i % 5) for i in range(16)]
-    aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY)
+    aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=api_key)
 
     async def one(p):
         stream = await aclient.chat.completions.create(model=name_of(model_dir), temperature=0, max_tokens=20,
@@ -157,11 +110,11 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_reply(server, model_di
         assert reply == model.chat(tokenizer, p, do_sample=False, max_new_tokens=20)[0]
 
 
-def test_a_client_that_disconnects_frees_its_slot(server, model_dir):
+def test_a_client_that_disconnects_frees_its_slot(server, model_dir, api_key):
     body = {"model": name_of(model_dir), "messages": [{"role": "user", "content": "long"}], "max_tokens": 1500,
             "stream": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+                      headers={"Authorization": f"Bearer {api_key}"}) as r:
         for _ in zip(range(3), r.iter_lines(), strict=False):
             pass
     deadline = time.time() + 20
