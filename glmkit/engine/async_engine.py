@@ -8,6 +8,7 @@ asyncio.Queue. When nothing is running the thread sleeps on the command queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -79,8 +80,20 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if self.engine.has_work():
-                for output in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a failed step must not hang every client: fail them and go on
+                    outputs = self._fail_all(e)
+                for output in outputs:
                     self._deliver(output)
+
+    def _fail_all(self, error: Exception) -> list[StepOutput]:
+        logging.getLogger("glmkit.engine").exception("engine step failed: %s", error)
+        scheduler = self.engine.scheduler
+        requests = [*scheduler.running, *scheduler.waiting]
+        scheduler.running.clear()
+        scheduler.waiting.clear()
+        return [StepOutput(r.request_id, None, "error") for r in requests]
 
     def _handle(self, command: _Submit | _Abort) -> None:
         if isinstance(command, _Abort):

@@ -94,6 +94,8 @@ class Serving:
         # the request and frees its batch slot at once.
         async with aclosing(self.engine.generate(ids, params, uuid.uuid4().hex)) as outputs:
             async for output in outputs:
+                if output.finish_reason == "error":
+                    raise APIError(500, "generation failed on the server; see its log", code="engine_error")
                 if output.finish_reason == "stop" or output.token_id is None:
                     finish = "stop"
                     break

@@ -26,23 +26,25 @@ def model_dir(tokenizer, tmp_path_factory):
     return write_chat_model(tmp_path_factory.mktemp("serve-model"), tokenizer, silence_eop=True)
 
 
-@pytest.fixture(scope="session")
-def server(model_dir):
+def start_server(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--api-key", KEY, "--max-batch", "4", "--max-queue", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read()}")
+    proc.kill()
+    pytest.fail(f"server did not start: {proc.stdout.read()}")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    proc, base = start_server(model_dir, "--api-key", KEY, "--max-batch", "4", "--max-queue", "32")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -58,3 +60,9 @@ def local(model_dir):
 @pytest.fixture(scope="session")
 def api_key() -> str:
     return KEY
+
+
+@pytest.fixture(scope="session")
+def launch_server():
+    """start_server, for tests that need a server with flags of their own."""
+    return start_server

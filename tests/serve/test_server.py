@@ -124,3 +124,33 @@ def test_a_client_that_disconnects_frees_its_slot(server, model_dir, api_key):
         time.sleep(0.2)
     else:
         pytest.fail("the disconnected request still holds its slot")
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir, launch_server):
+    """A server with room for one running and one waiting request, and one allowed browser origin."""
+    proc, base = launch_server(model_dir, "--max-batch", "1", "--max-queue", "1", "--cors-origin", "http://app.test")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_full_queue_answers_429_and_the_server_recovers(small_server, model_dir):
+    body = {"model": name_of(model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+
+    async def three():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(c.post(f"{small_server}/v1/chat/completions", json=body) for _ in range(3)))
+
+    codes = sorted(r.status_code for r in asyncio.run(three()))
+    assert codes == [200, 200, 429]
+    again = httpx.post(f"{small_server}/v1/chat/completions", json=body, timeout=120)
+    assert again.status_code == 200
+
+
+def test_cors_allows_only_the_configured_origin(small_server):
+    preflight = {"Access-Control-Request-Method": "POST"}
+    ok = httpx.options(f"{small_server}/v1/chat/completions", headers={"Origin": "http://app.test", **preflight})
+    assert ok.headers.get("access-control-allow-origin") == "http://app.test"
+    other = httpx.options(f"{small_server}/v1/chat/completions", headers={"Origin": "http://evil.test", **preflight})
+    assert other.headers.get("access-control-allow-origin") is None
