@@ -148,31 +148,27 @@ class Serving:
 
     async def chat_completion(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         self.check_model(request.model)
-        ids = self.encode(self.chat_prompt(request.messages), request.max_tokens)
-        params, stop = self.params(request), request.stop_strings()
-        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        if request.stream:
-            return self._sse(ids, params, stop, rid, created, chat=True)
-        done = await self.complete(ids, params, stop, clean=True)
-        return {
-            "id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.finish_reason}],
-            "usage": _usage(done),
-        }
+        return await self._respond(request, self.chat_prompt(request.messages), chat=True)
 
     async def completion(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         self.check_model(request.model)
-        ids = self.encode(request.prompt, request.max_tokens)
+        return await self._respond(request, request.prompt, chat=False)
+
+    async def _respond(self, request: SamplingFields, prompt: str, chat: bool) -> dict | AsyncIterator[str]:
+        """Chat answers get ChatGLM's clean-up (as model.chat does); plain completions are raw text."""
+        ids = self.encode(prompt, request.max_tokens)
         params, stop = self.params(request), request.stop_strings()
-        created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if request.stream:
-            return self._sse(ids, params, stop, rid, created, chat=False)
-        done = await self.complete(ids, params, stop, clean=False)
+            return self._sse(ids, params, stop, rid, created, chat=chat)
+        done = await self.complete(ids, params, stop, clean=chat)
+        if chat:
+            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
+        else:
+            kind, choice = "text_completion", {"text": done.text, "logprobs": None}
         return {
-            "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [{"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}],
-            "usage": _usage(done),
+            "id": rid, "object": kind, "created": created, "model": self.model_name,
+            "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason}], "usage": _usage(done),
         }
 
     async def _sse(self, ids, params, stop, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
