@@ -40,7 +40,7 @@ FULL = Recipe(
     model=dict(hidden_size=384, num_layers=6, num_attention_heads=6, inner_hidden_size=1536, max_sequence_length=512),
     pretrain=TrainConfig(steps=500, batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                          eval_every=100, eval_batches=4, save_every=50),
-    sft=TrainConfig(steps=3300, batch_size=32, seq_len=160, lr=1e-3, min_lr=5e-5, warmup_steps=100,
+    sft=TrainConfig(steps=2800, batch_size=32, seq_len=160, lr=2e-3, min_lr=1e-4, warmup_steps=100,
                     eval_every=300, eval_batches=4, save_every=100, seed=1),
 )
 # The same pipeline on a slice, for tests: minutes, not hours.

@@ -105,13 +105,24 @@ def sft_examples(records: Sequence[dict], tokenizer: ChatGLMTokenizer, specials:
 
 
 def sft_batches(examples: Sequence[Example], config: TrainConfig) -> Batches:
-    """Epochs over the examples, each epoch in its own seeded order: batch k of a run is always the same."""
+    """Epochs over the examples, each in its own seeded order: batch k of a run is always the same.
+
+    Within an epoch, examples are grouped into batches of similar length (sorted inside random
+    chunks, batches then shuffled), so little compute goes to padding."""
     n = len(examples)
     orders: dict[int, list[int]] = {}
 
     def order(epoch: int) -> list[int]:
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+            g = torch.Generator().manual_seed(config.seed + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+            chunk = config.batch_size * 64
+            batches = []
+            for start in range(0, n, chunk):
+                group = sorted(perm[start:start + chunk], key=lambda i: len(examples[i].input_ids))
+                batches += [group[k:k + config.batch_size] for k in range(0, len(group), config.batch_size)]
+            shuffled = torch.randperm(len(batches), generator=g).tolist()
+            orders[epoch] = [i for b in shuffled for i in batches[b]]
         return orders[epoch]
 
     def make(step: int, micro: int) -> list[Example]:
@@ -122,11 +133,15 @@ def sft_batches(examples: Sequence[Example], config: TrainConfig) -> Batches:
 
 
 def loss_of(model: GLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over labelled positions, and how many there were."""
-    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    """Mean cross-entropy over labelled positions, and how many there were.
+
+    The output layer runs on labelled positions only: in chat data most positions are prompt, and
+    the vocabulary projection is a large share of a small model's compute."""
+    hidden = model.transformer(batch["input_ids"], batch["position_ids"], batch["attention_mask"])
     labels = batch["labels"]
-    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    return loss, int((labels != IGNORE).sum())
+    scored = labels != IGNORE
+    logits = model.lm_head(hidden[scored]).float()
+    return F.cross_entropy(logits, labels[scored]), int(scored.sum())
 
 
 def save_checkpoint(path: Path, model: GLM, optimizer: torch.optim.Optimizer, step: int, meta: dict) -> None:
