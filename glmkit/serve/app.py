@@ -118,4 +118,7 @@ def prometheus_text(serving: Serving, engine: AsyncEngine) -> str:
 
 
 def model_name_for(path: Path | None) -> str:
-    return "glmkit-demo" if path is None else Path(path).name
+    """The model id clients send: the model directory's name ("demo-model" for the shipped one)."""
+    from glmkit.api import DEMO_MODEL_DIR
+
+    return Path(path or DEMO_MODEL_DIR).resolve().name
