@@ -15,7 +15,7 @@ import torch
 from glmkit.positions import sequence_layout
 from glmkit.tokenizer import ChatGLMTokenizer, postprocess, preprocess, train_sentencepiece
 
-from conftest import sample_corpus
+from samples import sample_corpus
 
 CONTROLS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 BLANKS = [f"<|blank_{n}|>" for n in range(2, 81)]
