@@ -40,10 +40,14 @@ class GLMForCausalLM(GLM):
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-        progress: bool = True,
+        progress: bool = True, quantize: int | None = None, group_size: int | None = None,
     ) -> GLMForCausalLM:
-        """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU."""
-        return load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls)
+        """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
+
+        quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
+        per scale, 128 by default); a checkpoint saved quantized loads quantized without it."""
+        return load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls, quantize=quantize,
+                          group_size=group_size)
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the official layout (safetensors unless safe_serialization=False), tokenizer included."""
@@ -80,11 +84,11 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: bool = True, quantize: int | None = None,
 ) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
-    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
     tokenizer = ChatGLMTokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from glmkit.config import GLMConfig
 from glmkit.model import GLM
+from glmkit.quantize import QUANTIZED_LINEARS, QuantizedLinear, default_group, group_for, quantized_layout
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -109,8 +110,12 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
 
 
-def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> None:
-    """Fill a meta-device model from the directory's shards, one shard at a time."""
+def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                 quantize: tuple[int, int] | None = None) -> None:
+    """Fill a meta-device model from the directory's shards, one shard at a time.
+
+    With `quantize=(bits, group)`, each block linear is quantized as soon as its weight and bias are
+    in, so peak memory stays near the quantized model's size, not the full-precision one's."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     if tied:
@@ -126,8 +131,10 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
                     f"{path.name} holds {name!r}, which this model does not have; config.json does not match "
                     "the weights (or the checkpoint is of another architecture)"
                 )
-            _assign(model, name, tensor, expected[name].shape, dtype, device)
+            _assign(model, name, tensor, expected[name], dtype, device)
             seen.add(name)
+            if quantize:
+                _quantize_if_complete(model, name.rpartition(".")[0], *quantize)
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -136,7 +143,8 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
         model.lm_head.weight = model.transformer.word_embeddings.weight
 
 
-def _assign(model: GLM, name: str, tensor: torch.Tensor, shape: torch.Size, dtype, device) -> None:
+def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, dtype, device) -> None:
+    shape = target.shape
     if tensor.shape != shape:
         raise CheckpointError(
             f"{name} has shape {tuple(tensor.shape)} in the checkpoint but config.json implies {tuple(shape)}; "
@@ -144,8 +152,23 @@ def _assign(model: GLM, name: str, tensor: torch.Tensor, shape: torch.Size, dtyp
         )
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if attr in module._buffers:  # quantized weights stay integers; their scales follow the model's dtype
+        if target.dtype == torch.int8 and tensor.dtype != torch.int8:
+            raise CheckpointError(f"{name} is {tensor.dtype} in the checkpoint, but config.json says it is quantized "
+                                  "(quantization_bit); config.json does not match the weights")
+        module._buffers[attr] = tensor.to(device=device, dtype=target.dtype if target.dtype == torch.int8 else dtype)
+        return
     value = tensor.to(device=device, dtype=dtype)
     module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int) -> None:
+    parent_name, _, attr = module_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
+    if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
+        layer = QuantizedLinear.from_linear(module, bits, group_for(module.in_features, group))
+        setattr(model.get_submodule(parent_name), attr, layer)
 
 
 def load_model(
@@ -154,14 +177,29 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     model_class: type[GLM] = GLM,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> GLM:
+    """A model from a directory in the official layout; `quantize=4|8` quantizes while loading."""
     directory = Path(path).expanduser()
     config = read_config(directory)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config, device)
+    stored_bits = config.quantization_bit
+    if quantize and stored_bits and quantize != stored_bits:
+        raise CheckpointError(f"{directory} is already quantized to {stored_bits} bits; it cannot be loaded as "
+                              f"{quantize}-bit (quantize the full-precision checkpoint instead)")
     with torch.device("meta"):
         model = model_class(config)
-    load_weights(model, directory, dtype, device, progress)
+    if stored_bits:
+        quantized_layout(model, stored_bits, config.quantization_group_size, dtype)
+    on_load = None
+    if quantize and not stored_bits:
+        group = default_group(quantize) if group_size is None else group_size
+        on_load = (quantize, group)
+    load_weights(model, directory, dtype, device, progress, quantize=on_load)
+    if on_load:
+        model.config.quantization_bit, model.config.quantization_group_size = on_load
     model.name_or_path = str(directory)
     return model.eval()
 
@@ -206,7 +244,7 @@ def save_model(
     _remove_old_weights(directory)
     target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
     state = {
-        name: t.detach().to(device="cpu", dtype=target).contiguous()
+        name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
         for name, t in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name == "lm_head.weight")
     }

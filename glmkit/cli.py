@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from glmkit.api import NoDefaultModelError, load
+from glmkit.api import GLMForCausalLM, NoDefaultModelError, load
 from glmkit.chat import CHAT_DEFAULTS
 from glmkit.checkpoint import CheckpointError, describe
 from glmkit.config import ConfigError
@@ -37,6 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                        help="quantize the block linears to INT8 or INT4 (group-wise) while loading; a checkpoint "
+                             "written by 'glmkit quantize' is loaded quantized without this flag")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
@@ -109,7 +112,7 @@ def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], op
 def cmd_chat(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
     history: list[tuple[str, str]] = []
     while True:
@@ -139,7 +142,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == ["-"] else " ".join(args.prompt)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
     from glmkit.chat import stream_text
     from glmkit.generation import SamplingParams
 
@@ -176,12 +179,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from glmkit.serve.app import create_app, model_name_for
 
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     name = args.served_model_name or model_name_for(args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, cors_origins=args.cors_origin)
     print(f"glmkit: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    model = GLMForCausalLM.from_pretrained(args.src, quantize=args.bits, group_size=args.group_size)
+    out = model.save_pretrained(args.dst, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    print(f"glmkit: wrote a {args.bits}-bit model to {out} ({size / 2**20:.1f} MiB of weights)")
     return 0
 
 
@@ -238,7 +249,7 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     from glmkit.demo import read_jsonl
     from glmkit.evaluate import exact_match
 
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
     report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -340,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+    quant = sub.add_parser("quantize", help="write an INT8 or INT4 copy of a model directory",
+                           description="Quantize the four linears of every block (weight-only, symmetric scales) and "
+                                       "write the official layout: int8 weights (INT4 packs two per byte) plus "
+                                       "weight_scale, in safetensors. The result loads like any model directory.",
+                           epilog="example:\n  glmkit quantize ~/models/chatglm-6b ~/models/chatglm-6b-int4 --bits 4",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    quant.add_argument("src", type=Path, help="a full-precision model directory")
+    quant.add_argument("dst", type=Path, help="where to write the quantized model")
+    quant.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    quant.add_argument("--group-size", type=int, default=None,
+                       help="INT4 input columns per scale (default 128; 0: one scale per row, the official layout)")
+    quant.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                       help="dtype of the scales, biases, norms and embeddings on disk (default: float16)")
+    quant.set_defaults(func=cmd_quantize)
     add_serve_parser(sub)
     add_pipeline_parsers(sub)
     return parser

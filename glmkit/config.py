@@ -50,6 +50,10 @@ class GLMConfig:
     residual_alpha: float = math.sqrt(2 * OFFICIAL_ALPHA_DEPTH)
     rotary_base: float = 10000.0
     mlp_type: str = "gelu"
+    # Weight-only quantization of the block linears (glmkit/quantize.py): 0 (none), 8 or 4, the
+    # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
+    quantization_bit: int = 0
+    quantization_group_size: int = 0
     # Keys we do not interpret (architectures, auto_map, ...) are kept and written back.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -70,6 +74,8 @@ class GLMConfig:
             raise ConfigError(f"2D rotary positions need a head dim divisible by 4, got {self.head_dim}")
         if self.mlp_type not in MLP_TYPES:
             raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
+        if self.quantization_bit not in (0, 4, 8):
+            raise ConfigError(f"quantization_bit {self.quantization_bit} is not 0, 4 or 8")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
         for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):

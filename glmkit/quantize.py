@@ -1,0 +1,196 @@
+"""Weight-only INT8/INT4 quantization of the four linears of each block.
+
+One on-disk format, the official one (THUDM/chatglm-6b-int4, -int8), generalised to groups:
+- `<linear>.weight` is int8. INT8 holds one value per weight; INT4 packs two per byte, the high
+  nibble holding the even column: `byte = (w[2j] << 4) | (w[2j+1] & 0xF)`.
+- `<linear>.weight_scale` is symmetric: `w ~= q * scale`, scale = absmax / 127 (INT8) or / 7 (INT4).
+  Shape [out] is one scale per row, the official layout; [out, in / group] is one per group of
+  `quantization_group_size` input columns, glmkit's INT4 default (per-row INT4 loses too much).
+So an official checkpoint is the special case of a single group per row, and loads with the same code.
+
+The matmul uses PyTorch's weight-only kernels where they apply (`_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` on CPU); anywhere else the layer dequantizes its weight on the fly,
+which is correct everywhere and saves memory, not time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+BITS = (4, 8)
+DEFAULT_INT4_GROUP = 128
+
+
+def max_level(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # 127 or 7: symmetric, as the official format
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): q int8 in [-max, max] of the weight's shape; scale [out] (group 0) or [out, in/group]."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    out_features, in_features = weight.shape
+    group = group_size or in_features
+    if in_features % group:
+        raise ValueError(f"quantization group size {group} does not divide the input size {in_features}")
+    w = weight.detach().float().reshape(out_features, in_features // group, group)
+    scale = w.abs().amax(dim=-1) / max_level(bits)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w / scale.unsqueeze(-1)).clamp(-max_level(bits), max_level(bits)).to(torch.int8)
+    return q.reshape(out_features, in_features), scale if group_size else scale.squeeze(-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] int8 values in [-8, 7] -> [out, in/2] int8, even column in the high nibble."""
+    return ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4; arithmetic shifts on int8 restore the signs."""
+    high = packed >> 4
+    low = (packed << 4) >> 4
+    return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 weight from int8 values [out, in] and scales [out] or [out, groups]."""
+    out_features, in_features = q.shape
+    scale = scale.float().reshape(out_features, -1, 1)
+    return (q.float().reshape(out_features, scale.shape[1], -1) * scale).reshape(out_features, in_features)
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is stored as int8 (INT8) or packed int4 (INT4) with symmetric scales.
+
+    The state dict holds exactly the official keys (weight, weight_scale, bias); the kernel's own
+    packing, which depends on the device, is derived once on first use and never saved."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        stored_in = in_features // 2 if bits == 4 else in_features
+        scale_shape = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.register_buffer("weight", torch.empty(out_features, stored_in, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self._kernel: tuple | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 0) -> QuantizedLinear:
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                    dtype=weight.dtype, device=weight.device)
+        q, scale = quantize_weight(weight, bits, group_size)
+        layer.weight = pack_int4(q) if bits == 4 else q
+        layer.weight_scale = scale.to(weight.dtype)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def int_values(self) -> torch.Tensor:
+        return unpack_int4(self.weight) if self.bits == 4 else self.weight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.int_values(), self.weight_scale)
+
+    def _apply(self, fn, recurse=True):  # moving or casting the layer invalidates the kernel packing
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:
+            self._kernel = self._prepare_kernel(x)
+        kind = self._kernel[0]
+        flat = x.reshape(-1, self.in_features)
+        if kind == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._kernel[1].to(x.dtype))
+        elif kind == "int4":
+            _, packed, group, scales_and_zeros = self._kernel
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_and_zeros.to(x.dtype))
+        else:
+            out = F.linear(flat, self.dequantized_weight().to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _prepare_kernel(self, x: torch.Tensor) -> tuple:
+        """The fastest path this layer can take on this device, as (kind, *its tensors)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return ("dequantize",)
+        if self.bits == 8 and not self.group_size:
+            return ("int8", self.weight_scale.float())
+        if self.bits == 4:
+            group = self.group_size or DEFAULT_INT4_GROUP
+            if self.in_features % group or self.out_features % 8:
+                return ("dequantize",)
+            scale = self.weight_scale.float()
+            if not self.group_size:  # one scale per row (official), replicated over the kernel's groups
+                scale = scale[:, None].expand(-1, self.in_features // group)
+            # The kernel's asymmetric form: w = (u - 8) * scale + zero with u in [0, 15]; ours has zero = 0.
+            unsigned = (self.int_values().to(torch.int32) + 8).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+            scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).transpose(0, 1).contiguous()
+            return ("int4", packed, group, scales_and_zeros)
+        return ("dequantize",)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) for every quantizable linear inside the blocks."""
+    for name, module in list(model.named_modules()):
+        if ".layers." not in f".{name}." and not name.startswith("layers."):
+            continue
+        for attr in QUANTIZED_LINEARS:
+            child = getattr(module, attr, None)
+            if isinstance(child, nn.Linear | QuantizedLinear):
+                yield module, attr, child
+
+
+def default_group(bits: int) -> int:
+    return DEFAULT_INT4_GROUP if bits == 4 else 0
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int | None = None) -> nn.Module:
+    """Replace the block linears by QuantizedLinear in place; records the choice in model.config."""
+    group = default_group(bits) if group_size is None else group_size
+    for parent, attr, child in block_linears(model):
+        if isinstance(child, nn.Linear):
+            setattr(parent, attr, QuantizedLinear.from_linear(child, bits, group_for(child.in_features, group)))
+    _record(model, bits, group)
+    return model
+
+
+def quantized_layout(model: nn.Module, bits: int, group_size: int, dtype: torch.dtype) -> nn.Module:
+    """Empty QuantizedLinear layers in place of the block linears, for loading a quantized checkpoint."""
+    for parent, attr, child in block_linears(model):
+        if isinstance(child, nn.Linear):
+            layer = QuantizedLinear(child.in_features, child.out_features, bits,
+                                    group_for(child.in_features, group_size), child.bias is not None, dtype=dtype,
+                                    device=child.weight.device)
+            setattr(parent, attr, layer)
+    _record(model, bits, group_size)
+    return model
+
+
+def _record(model: nn.Module, bits: int, group_size: int) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.quantization_bit, config.quantization_group_size = bits, group_size
+
+
+def group_for(in_features: int, group: int) -> int:
+    """The requested group if it divides the layer, else one scale per row (the official layout)."""
+    return group if group and in_features % group == 0 else 0

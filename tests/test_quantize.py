@@ -1,0 +1,173 @@
+"""Weight-only INT8/INT4: kernels against a dequantized reference, the official packed layout (packed
+here by hand from the spec), save/load round trips, quantize-while-loading, and the CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from glmkit import GLMForCausalLM
+from glmkit.checkpoint import CheckpointError
+from glmkit.cli import main
+from glmkit.quantize import QuantizedLinear, quantize_model
+
+from tiny import prompt, random_model, tiny_config, write_official_bin
+
+IDS = torch.tensor([prompt(5, 17, 42, 99, 7)])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def linear(out_features=64, in_features=256, seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features)
+    layer.weight.data.normal_(0, 0.5)
+    return layer
+
+
+def spec_quantize(weight: torch.Tensor, bits: int, group: int = 0):
+    """The spec's symmetric rule, written out: scale = absmax / (2^(bits-1) - 1) per row (or group)."""
+    rows, cols = weight.shape
+    group = group or cols
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scales = torch.empty(rows, cols // group)
+    for r in range(rows):
+        for g in range(cols // group):
+            block = weight[r, g * group:(g + 1) * group].double()
+            scale = block.abs().max() / (2 ** (bits - 1) - 1)
+            scales[r, g] = scale
+            q[r, g * group:(g + 1) * group] = torch.round(block / scale).to(torch.int8)
+    return q, scales
+
+
+def spec_pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """byte = (w[2j] << 4) | (w[2j+1] & 0xF), element by element, as the official quantization.py describes."""
+    rows, cols = q.shape
+    out = torch.empty(rows, cols // 2, dtype=torch.int8)
+    for r in range(rows):
+        for j in range(cols // 2):
+            byte = ((int(q[r, 2 * j]) << 4) | (int(q[r, 2 * j + 1]) & 0xF)) & 0xFF
+            out[r, j] = byte - 256 if byte > 127 else byte
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 64), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_matmul_matches_the_dequantized_reference(bits, group, dtype):
+    layer = linear()
+    quantized = QuantizedLinear.from_linear(layer, bits, group).to(dtype)
+    q, scales = spec_quantize(layer.weight.data, bits, group)
+    reference_weight = (q.double().reshape(64, scales.shape[1], -1) * scales.double().unsqueeze(-1)).reshape(64, 256)
+    x = torch.randn(3, 7, 256)
+    expected = F.linear(x.double(), reference_weight, layer.bias.data.double())
+    out = quantized(x.to(dtype)).double()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05
+    assert (out - expected).abs().max() <= tolerance * expected.abs().max()
+    assert quantized._kernel[0] == ("int8" if bits == 8 else "int4")  # the PyTorch kernel, not the fallback
+
+
+def test_int4_packing_follows_the_official_byte_layout():
+    layer = linear(out_features=8, in_features=32)
+    quantized = QuantizedLinear.from_linear(layer, bits=4, group_size=0)
+    q, scales = spec_quantize(layer.weight.data, 4)
+    assert torch.equal(quantized.weight, spec_pack_int4(q))
+    assert torch.allclose(quantized.weight_scale, scales.squeeze(1))
+
+
+def test_quantization_error_is_within_half_a_step():
+    layer = linear()
+    for bits, group in [(8, 0), (4, 128)]:
+        quantized = QuantizedLinear.from_linear(layer, bits, group)
+        step = quantized.weight_scale.reshape(64, -1).repeat_interleave(group or 256, dim=1)
+        assert ((quantized.dequantized_weight() - layer.weight.data).abs() <= step / 2 + 1e-6).all()
+
+
+def write_official_quantized(model, directory, bits):
+    """THUDM/chatglm-6b-int4 / -int8, by hand: the four block linears as int8 (INT4 packed two per byte)
+    with fp16 per-row weight_scale, everything else fp16, and quantization_bit in config.json."""
+    write_official_bin(model, directory, shards=1)
+    state = torch.load(directory / "pytorch_model-00001-of-00001.bin", weights_only=True)
+    dequantized = {}
+    for name in list(state):
+        if ".layers." in name and name.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
+                                                 "dense_4h_to_h.weight")):
+            q, scales = spec_quantize(state[name].float(), bits)
+            state[name] = spec_pack_int4(q) if bits == 4 else q
+            state[name.replace(".weight", ".weight_scale")] = scales.squeeze(1).half()
+            dequantized[name] = q.float() * scales.half().float()
+    torch.save(state, directory / "pytorch_model-00001-of-00001.bin")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_bit"] = bits
+    (directory / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_official_quantized_layout_loads_and_runs(tmp_path, bits):
+    model = random_model()
+    dequantized = write_official_quantized(model, tmp_path, bits)
+    loaded = GLMForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert loaded.config.quantization_bit == bits
+    assert isinstance(loaded.transformer.layers[0].attention.query_key_value, QuantizedLinear)
+    reference = GLMForCausalLM(model.config).eval()
+    state = {k: v.half().float() for k, v in model.state_dict().items()}
+    reference.load_state_dict({**state, **dequantized})
+    assert torch.allclose(logits(loaded), logits(reference), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_save_and_reload_round_trip_is_exact(tmp_path, bits):
+    model = quantize_model(random_model(tiny_config(hidden_size=128, inner_hidden_size=512)), bits)
+    model.save_pretrained(tmp_path / "q", dtype="float32")
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    weight = stored["transformer.layers.0.mlp.dense_h_to_4h.weight"]
+    assert weight.dtype == torch.int8 and weight.shape == (512, 128 // (2 if bits == 4 else 1))
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_bit"] == bits
+    reloaded = GLMForCausalLM.from_pretrained(tmp_path / "q", progress=False)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path, bits):
+    model = random_model(tiny_config(hidden_size=128, inner_hidden_size=512))
+    model.save_pretrained(tmp_path, dtype="float32")
+    while_loading = GLMForCausalLM.from_pretrained(tmp_path, quantize=bits, progress=False)
+    after = quantize_model(GLMForCausalLM.from_pretrained(tmp_path, progress=False), bits)
+    assert torch.equal(logits(while_loading), logits(after))
+    full = logits(model)
+    gap = (logits(while_loading) - full).abs().max() / full.abs().max()
+    assert gap < (0.02 if bits == 8 else 0.2)  # near the full-precision logits, INT8 closer than INT4
+    assert not any(isinstance(m, torch.nn.Linear) and m is not while_loading.lm_head
+                   for m in while_loading.transformer.layers.modules())
+
+
+def test_loading_a_quantized_checkpoint_at_other_bits_is_refused(tmp_path):
+    quantize_model(random_model(), 8).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="already quantized to 8 bits"):
+        GLMForCausalLM.from_pretrained(tmp_path, quantize=4, progress=False)
+
+
+def test_a_config_that_claims_quantization_over_float_weights_is_refused(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}))
+    with pytest.raises(CheckpointError, match="config.json does not match the weights"):
+        GLMForCausalLM.from_pretrained(tmp_path, progress=False)
+
+
+def test_cli_quantize_writes_a_model_that_loads(tmp_path, capsys):
+    model = random_model(tiny_config(hidden_size=128, inner_hidden_size=512))
+    model.save_pretrained(tmp_path / "fp", dtype="float32")
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "int4"), "--bits", "4"]) == 0
+    assert "4-bit" in capsys.readouterr().out
+    fp_size = (tmp_path / "fp" / "model.safetensors").stat().st_size
+    assert (tmp_path / "int4" / "model.safetensors").stat().st_size < fp_size / 2
+    loaded = GLMForCausalLM.from_pretrained(tmp_path / "int4", progress=False)
+    assert loaded.config.quantization_group_size == 128
+    expected = quantize_model(GLMForCausalLM.from_pretrained(tmp_path / "fp", progress=False), 4)
+    assert torch.allclose(logits(loaded), logits(expected), atol=2e-2)  # scales and biases stored in fp16
