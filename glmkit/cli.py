@@ -196,6 +196,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from glmkit.bench import report, run
+
+    result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens, args.threads,
+                 measure_load=args.load, repeats=args.repeats)
+    print(report([result], args.json))
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from glmkit.data.build import build_dataset
 
@@ -365,6 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="dtype of the scales, biases, norms and embeddings on disk (default: float16)")
     quant.set_defaults(func=cmd_quantize)
+
+    bench = sub.add_parser("bench", help="measure load, prefill and decode speed and peak memory on random weights",
+                           description="Build a random-weight model of a real shape (layer by layer, quantized "
+                                       "directly: a 6B model never exists in fp32) and time the generation code "
+                                       "that chat and serving use. One configuration per run, so peak RSS is its "
+                                       "own; bench/cpu_inference.py runs the whole table.",
+                           epilog="examples:\n  glmkit bench --shape chatglm-6b --bits 4 --prompt-len 512 "
+                                  "--new-tokens 128 --json\n  glmkit bench --shape tiny --dtype bfloat16",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--shape", choices=["chatglm-6b", "tiny"], default="tiny")
+    bench.add_argument("--bits", type=int, choices=[4, 8], default=None, help="weight-only INT8/INT4 block linears")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="weights (full precision) or activations, scales and the rest (quantized)")
+    bench.add_argument("--prompt-len", type=int, nargs="+", default=[32, 512], help="prefill lengths to time")
+    bench.add_argument("--new-tokens", type=int, default=128, help="decode steps to time (median reported)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    bench.add_argument("--repeats", type=int, default=3, help="prefill repeats (median reported)")
+    bench.add_argument("--load", action="store_true", help="also time loading it back from a safetensors checkpoint")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
     add_pipeline_parsers(sub)
     return parser
