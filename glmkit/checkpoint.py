@@ -13,8 +13,10 @@ with what to do about it, before a half-filled model can be used.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,6 +164,24 @@ def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, d
     module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). The full-precision weights freed after quantizing
+    sit between the kept int8 ones, and glibc would otherwise keep them all: measured, loading a
+    150M-parameter model at INT4 peaked at the fp32 model's size without this, at a third with it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int) -> None:
     parent_name, _, attr = module_name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -169,6 +189,8 @@ def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int) -
     if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
         layer = QuantizedLinear.from_linear(module, bits, group_for(module.in_features, group))
         setattr(model.get_submodule(parent_name), attr, layer)
+        del module
+        release_freed_memory()
 
 
 def load_model(

@@ -23,24 +23,46 @@ MEASURE = textwrap.dedent("""
         return int(line.split()[1]) * 1024
 
     base = high_water_mark()
-    model = GLMForCausalLM.from_pretrained(sys.argv[1], dtype="float32", progress=False)
+    quantize = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    model = GLMForCausalLM.from_pretrained(sys.argv[1], dtype="float32", progress=False, quantize=quantize)
     peak = high_water_mark()
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     print(json.dumps({"base": base, "peak": peak, "model": size}))
 """)
+
+
+def write_model(directory, safe: bool = True) -> None:
+    # ~150M parameters: 300 MB of fp16 shards on disk, 600 MB as fp32 in memory.
+    config = GLMConfig(vocab_size=32768, hidden_size=1024, num_layers=10, num_attention_heads=16,
+                       inner_hidden_size=4096, torch_dtype="float16", bos_token_id=4, eos_token_id=5,
+                       mask_token_id=6, gmask_token_id=7, pad_token_id=3)
+    random_model(config).save_pretrained(directory, dtype="float16", max_shard_size="100MB", safe_serialization=safe)
+    assert len(list(directory.glob("*model-*"))) >= 3
+
+
+def measure(directory, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(directory), *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_peak_memory_of_loading_is_about_one_model(tmp_path, safe):
-    # ~150M parameters: 300 MB of fp16 shards on disk, 600 MB as fp32 in memory.
-    config = GLMConfig(vocab_size=32768, hidden_size=1024, num_layers=10, num_attention_heads=16,
-                       inner_hidden_size=4096, torch_dtype="float16", bos_token_id=4, eos_token_id=5,
-                       mask_token_id=6, gmask_token_id=7, pad_token_id=3)
-    random_model(config).save_pretrained(tmp_path, dtype="float16", max_shard_size="100MB", safe_serialization=safe)
-    assert len(list(tmp_path.glob("*model-*"))) >= 3
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, check=True)
-    m = json.loads(out.stdout)
+    write_model(tmp_path, safe)
+    m = measure(tmp_path)
     grown = m["peak"] - m["base"]
     # One fp32 model, plus at most one fp16 shard in flight and allocator slack; two copies would be 1200 MB.
     assert grown < m["model"] + 200 * MiB, f"loading grew RSS by {grown / MiB:.0f} MiB for a {m['model'] / MiB:.0f} MiB model"
+
+
+@pytest.mark.slow
+def test_quantizing_while_loading_never_holds_the_full_precision_model(tmp_path):
+    write_model(tmp_path)
+    m = measure(tmp_path, "4")
+    grown = m["peak"] - m["base"]
+    # INT4 blocks + fp32 embeddings come to ~190 MiB; the fp32 model would be 608 MiB. Allowed on top:
+    # one shard in flight (100 MB, memory-mapped), the embedding's fp16 and fp32 copies, allocator slack.
+    assert m["model"] < 250 * MiB
+    assert grown < m["model"] + 250 * MiB, f"loading grew RSS by {grown / MiB:.0f} MiB for a {m['model'] / MiB:.0f} MiB model"
+    assert grown < 0.75 * 608 * MiB, "quantizing while loading held most of the fp32 model at once"
