@@ -316,8 +316,11 @@ def describe(path: str | Path) -> dict:
     files = weight_files(directory)
     count, dtypes = 0, set()
     for file in files:
-        for _, shape, dtype in _tensor_headers(file):
-            count += _numel(shape)
+        for name, shape, dtype in _tensor_headers(file):
+            if name.endswith(".weight_scale"):
+                continue  # quantization metadata, not parameters
+            packed = config.quantization_bit == 4 and "int8" in dtype.lower() and name.endswith(".weight")
+            count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
             dtypes.add(dtype)
     return {
         "path": str(directory),

@@ -169,6 +169,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"vocabulary   {c['vocab_size']} ids; context {c['max_sequence_length']} tokens")
     print(f"parameters   {facts['parameters']:,} ({facts['parameters'] / 1e9:.2f} B)")
     print(f"dtype        {', '.join(facts['dtype_on_disk'])} on disk (config: {c['torch_dtype']})")
+    if c.get("quantization_bit"):
+        group = c.get("quantization_group_size") or 0
+        print(f"quantized    INT{c['quantization_bit']} block linears, "
+              f"{f'one scale per {group} columns' if group else 'one scale per row (official layout)'}")
     print(f"size on disk {facts['size_on_disk_bytes'] / 2**20:.1f} MiB in {len(facts['weight_files'])} weight file(s)")
     print(f"tokenizer    {'ice_text.model present' if facts['tokenizer'] else 'missing (no ice_text.model)'}")
     return 0

@@ -171,3 +171,15 @@ def test_cli_quantize_writes_a_model_that_loads(tmp_path, capsys):
     assert loaded.config.quantization_group_size == 128
     expected = quantize_model(GLMForCausalLM.from_pretrained(tmp_path / "fp", progress=False), 4)
     assert torch.allclose(logits(loaded), logits(expected), atol=2e-2)  # scales and biases stored in fp16
+
+
+def test_info_describes_a_quantized_directory(tmp_path, capsys):
+    model = random_model(tiny_config(hidden_size=128, inner_hidden_size=512))
+    model.save_pretrained(tmp_path / "fp")
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q"), "--bits", "4", "--group-size", "0"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "q")]) == 0
+    text = capsys.readouterr().out
+    assert "INT4 block linears, one scale per row (official layout)" in text
+    parameters = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    assert f"{parameters:,}" in text
