@@ -40,6 +40,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
                         help="quantize the block linears to INT8 or INT4 (group-wise) while loading; a checkpoint "
                              "written by 'glmkit quantize' is loaded quantized without this flag")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: PyTorch's choice, usually one per core)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
@@ -405,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
