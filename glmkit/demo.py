@@ -229,7 +229,8 @@ the package registries. It knows a few narrow skills; it is a demo of the pipeli
 vocabulary {recipe['vocab_size']} SentencePiece pieces in the ChatGLM layout; fp16 safetensors.
 - Pre-training: GLM blank infilling, {recipe['pretrain']['steps']} steps of {recipe['pretrain']['batch_size']} \
 x {recipe['pretrain']['seq_len']} tokens. Chat fine-tuning: {recipe['sft']['steps']} steps of \
-{recipe['sft']['batch_size']} examples, loss on answers only.
+{recipe['sft']['batch_size']} examples, loss on answers only. Skill mix (repetitions per epoch, 1 when \
+unlisted): {', '.join(f'{k} {v}' for k, v in recipe.get('skill_weights', {}).items()) or 'uniform'}.
 
 ## Held-out exact match (greedy; unseen phrasings of known facts, unseen arithmetic operands)
 

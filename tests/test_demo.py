@@ -6,7 +6,7 @@ import json
 import pytest
 
 import glmkit
-from glmkit.demo import build_demo
+from glmkit.demo import build_demo, weighted
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,12 @@ def test_language_of_answers():
     assert language_of("'apple' in Chinese is 苹果.") == "en"
     assert language_of("“苹果”的英文是 apple。") == "zh"
     assert language_of("37 + 45 = 82.") == "en" and language_of("37加45等于82。") == "zh"
+
+
+def test_skill_weights_repeat_and_subsample_records_deterministically():
+    records = [{"skill": "capital", "i": i} for i in range(100)] + [{"skill": "poem", "i": i} for i in range(1000)]
+    mixed = weighted(records, {"capital": 3, "poem": 0.1}, seed=0)
+    assert sum(r["skill"] == "capital" for r in mixed) == 300
+    assert 60 < sum(r["skill"] == "poem" for r in mixed) < 140  # about a tenth, seeded
+    assert mixed == weighted(records, {"capital": 3, "poem": 0.1}, seed=0)
+    assert weighted(records, {}, seed=0) == records
