@@ -1,7 +1,7 @@
 """Aggregate generation throughput of `glmkit serve` for 1, 4, 8 and 16 concurrent streaming clients.
 
 Starts a real server on loopback (the shipped demo model unless --model), sends N concurrent streaming
-chat requests of max_tokens tokens each, and reports generated tokens per second over the wall time,
+chat requests (long-answer questions, greedy, up to max_tokens tokens each), and reports generated tokens per second over the wall time,
 median of --repeats runs. Prints JSON.
 
     python bench/serve_throughput.py [--model PATH] [--streams 1 4 8 16] [--max-tokens 64] [--repeats 3]
@@ -29,9 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "glmkit", "serve", "--port", str(port), "--max-batch", str(max_batch)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,6 +48,11 @@ def start_server(model: str | None, max_batch: int) -> tuple[subprocess.Popen, s
     raise SystemExit("the server did not start")
 
 
+# Questions the demo model answers at length (30-40 tokens): a short answer would time HTTP set-up
+# more than generation.
+PROMPTS = ["What can you do?", "你能做什么？"]
+
+
 async def one_stream(client: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int) -> int:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
@@ -57,7 +64,7 @@ async def one_stream(client: httpx.AsyncClient, base: str, model: str, prompt: s
 
 async def run(base: str, model: str, streams: int, max_tokens: int) -> float:
     """Generated tokens per second with `streams` concurrent clients (completion tokens from /metrics)."""
-    prompts = [f"What is {10 + i} + {20 + i}?" for i in range(streams)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
     before = completion_tokens(base)
     start = time.perf_counter()
     async with httpx.AsyncClient() as client:
@@ -79,8 +86,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (glmkit serve --threads)")
     args = parser.parse_args()
-    proc, base = start_server(args.model, max(args.streams))
+    proc, base = start_server(args.model, max(args.streams), args.threads)
     try:
         name = httpx.get(f"{base}/health").json()["model"]
         asyncio.run(run(base, name, 2, 8))  # warm-up
@@ -97,6 +105,7 @@ def main() -> None:
         proc.wait()
     print(json.dumps({
         "benchmark": "serve_throughput", "model": name, "max_tokens": args.max_tokens, "repeats": args.repeats,
+        "server_threads": args.threads,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "streams": results,
     }, indent=2))

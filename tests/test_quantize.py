@@ -183,3 +183,18 @@ def test_info_describes_a_quantized_directory(tmp_path, capsys):
     assert "INT4 block linears, one scale per row (official layout)" in text
     parameters = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     assert f"{parameters:,}" in text
+
+
+def test_quantized_greedy_answers_stay_close_on_the_demo_model():
+    import glmkit
+
+    questions = ["What is the capital of France?", "法国的首都是哪里？", "How do you say 'water' in Chinese?",
+                 "“朋友”用英语怎么说？", "Who are you?", "你是谁？", "What is the capital of Japan?", "日本的首都是哪里？"]
+    full, tokenizer = glmkit.load(progress=False)
+    expected = [full.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] for q in questions]
+    int8, _ = glmkit.load(progress=False, quantize=8)
+    int4, _ = glmkit.load(progress=False, quantize=4)
+    assert [int8.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] for q in questions] == expected
+    same4 = sum(int4.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] == e
+                for q, e in zip(questions, expected, strict=True))
+    assert same4 >= 6, f"INT4 kept only {same4} of {len(questions)} greedy answers"
