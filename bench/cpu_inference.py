@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", nargs="+", default=["32", "512"])
+    parser.add_argument("--repeats", default="1", help="prefill repeats per length (median)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -37,7 +38,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, "-m", "glmkit", "bench", "--shape", args.shape, *CONFIGS[name], "--threads",
                str(args.threads), "--new-tokens", str(args.new_tokens), "--prompt-len", *args.prompt_len,
-               "--load", "--json"]
+               "--repeats", args.repeats, "--load", "--json"]
         print(f"running {name}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         machine = out["machine"]
