@@ -113,17 +113,17 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is None:
+        if self._kernel is None or self._kernel[-1] != x.dtype:
             self._kernel = self._prepare_kernel(x)
         kind = self._kernel[0]
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] > DENSE_ABOVE_ROWS and x.dtype != torch.bfloat16:
             kind = "dequantize"
         if kind == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._kernel[1].to(x.dtype))
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._kernel[1])
         elif kind == "int4":
-            _, packed, group, scales_and_zeros = self._kernel
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_and_zeros.to(x.dtype))
+            _, packed, group, scales_and_zeros, _ = self._kernel
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_and_zeros)
         else:
             out = F.linear(flat, self.dequantized_weight().to(x.dtype))
         if self.bias is not None:
@@ -131,15 +131,16 @@ class QuantizedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _prepare_kernel(self, x: torch.Tensor) -> tuple:
-        """The fastest path this layer can take on this device, as (kind, *its tensors)."""
+        """The fastest path for activations like x, as (kind, *its tensors, x.dtype); scales are
+        converted to x's dtype once here rather than on every call."""
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return ("dequantize",)
+            return ("dequantize", x.dtype)
         if self.bits == 8 and not self.group_size:
-            return ("int8", self.weight_scale.float())
+            return ("int8", self.weight_scale.to(x.dtype), x.dtype)
         if self.bits == 4:
             group = self.group_size or DEFAULT_INT4_GROUP
-            if self.in_features % group or self.out_features % 8:
-                return ("dequantize",)
+            if self.in_features % group or self.out_features % 16:  # the CPU packing needs rows in 16s
+                return ("dequantize", x.dtype)
             scale = self.weight_scale.float()
             if not self.group_size:  # one scale per row (official), replicated over the kernel's groups
                 scale = scale[:, None].expand(-1, self.in_features // group)
@@ -147,8 +148,8 @@ class QuantizedLinear(nn.Module):
             unsigned = (self.int_values().to(torch.int32) + 8).contiguous()
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
             scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).transpose(0, 1).contiguous()
-            return ("int4", packed, group, scales_and_zeros)
-        return ("dequantize",)
+            return ("int4", packed, group, scales_and_zeros.to(x.dtype), x.dtype)
+        return ("dequantize", x.dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""

@@ -198,3 +198,12 @@ def test_quantized_greedy_answers_stay_close_on_the_demo_model():
     same4 = sum(int4.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] == e
                 for q, e in zip(questions, expected, strict=True))
     assert same4 >= 6, f"INT4 kept only {same4} of {len(questions)} greedy answers"
+
+
+def test_shapes_the_cpu_kernel_cannot_take_fall_back_to_dequantizing():
+    layer = linear(out_features=24, in_features=96)  # rows not in 16s, columns not in 128s
+    quantized = QuantizedLinear.from_linear(layer, bits=4, group_size=32)
+    x = torch.randn(2, 96)
+    out = quantized(x)
+    assert quantized._kernel[0] == "dequantize"
+    assert torch.allclose(out, F.linear(x, quantized.dequantized_weight(), layer.bias.data), atol=1e-5)
