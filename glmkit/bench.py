@@ -10,6 +10,7 @@ cached token at a time).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -23,7 +24,7 @@ from torch import nn
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig, preset
 from glmkit.generation import decode_one_token, prefill
-from glmkit.quantize import QuantizedLinear, block_linears, default_group, group_for
+from glmkit.quantize import QuantizedLinear, block_linears, default_group, group_for, record_quantization
 
 SHAPES = {
     "chatglm-6b": lambda: preset("chatglm-6b"),
@@ -44,7 +45,7 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
         group = default_group(bits)
         for parent, attr, child in block_linears(model):
             setattr(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
-        model.config.quantization_bit, model.config.quantization_group_size = bits, group
+        record_quantization(model, bits, group)
     for module in list(model.modules()):
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
@@ -118,11 +119,9 @@ def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
         return time.perf_counter() - start
 
 
-def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, threads: int | None,
-        measure_load: bool, repeats: int = 3) -> dict:
-    """One configuration's measurements, as a JSON-ready dict."""
-    if threads:
-        torch.set_num_threads(threads)
+def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
+        repeats: int = 3) -> dict:
+    """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
     torch_dtype = getattr(torch, dtype)
     config = SHAPES[shape]()
     start = time.perf_counter()
@@ -148,9 +147,6 @@ def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: i
 
 
 def machine() -> dict:
-    import os
-
-    cpu = ""
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from glmkit.config import GLMConfig
 from glmkit.model import GLM
-from glmkit.quantize import QUANTIZED_LINEARS, QuantizedLinear, default_group, group_for, quantized_layout
+from glmkit.quantize import (
+    QUANTIZED_LINEARS,
+    QuantizedLinear,
+    default_group,
+    group_for,
+    quantized_layout,
+    record_quantization,
+)
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -221,7 +228,7 @@ def load_model(
         on_load = (quantize, group)
     load_weights(model, directory, dtype, device, progress, quantize=on_load)
     if on_load:
-        model.config.quantization_bit, model.config.quantization_group_size = on_load
+        record_quantization(model, *on_load)
     model.name_or_path = str(directory)
     return model.eval()
 

@@ -205,7 +205,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from glmkit.bench import report, run
 
-    result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens, args.threads,
+    result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
                  measure_load=args.load, repeats=args.repeats)
     print(report([result], args.json))
     return 0

@@ -177,7 +177,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None) -
     for parent, attr, child in block_linears(model):
         if isinstance(child, nn.Linear):
             setattr(parent, attr, QuantizedLinear.from_linear(child, bits, group_for(child.in_features, group)))
-    _record(model, bits, group)
+    record_quantization(model, bits, group)
     return model
 
 
@@ -189,11 +189,12 @@ def quantized_layout(model: nn.Module, bits: int, group_size: int, dtype: torch.
                                     group_for(child.in_features, group_size), child.bias is not None, dtype=dtype,
                                     device=child.weight.device)
             setattr(parent, attr, layer)
-    _record(model, bits, group_size)
+    record_quantization(model, bits, group_size)
     return model
 
 
-def _record(model: nn.Module, bits: int, group_size: int) -> None:
+def record_quantization(model: nn.Module, bits: int, group_size: int) -> None:
+    """Note the quantization in model.config, so that save_pretrained writes it to config.json."""
     config = getattr(model, "config", None)
     if config is not None:
         config.quantization_bit, config.quantization_group_size = bits, group_size
