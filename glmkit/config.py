@@ -54,6 +54,10 @@ class GLMConfig:
     # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
     quantization_bit: int = 0
     quantization_group_size: int = 0
+    # P-Tuning v2 (official keys): a trained prefix of `pre_seq_len` keys/values in front of every
+    # layer's attention, from an embedding, or from an MLP over it with `prefix_projection`.
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
     # Keys we do not interpret (architectures, auto_map, ...) are kept and written back.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -76,6 +80,8 @@ class GLMConfig:
             raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
         if self.quantization_bit not in (0, 4, 8):
             raise ConfigError(f"quantization_bit {self.quantization_bit} is not 0, 4 or 8")
+        if self.pre_seq_len is not None and self.pre_seq_len < 1:
+            raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
         for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):

@@ -21,7 +21,7 @@ from glmkit.config import GLMConfig
 from glmkit.evaluate import exact_match, perplexity
 from glmkit.objectives import Specials
 from glmkit.tokenizer import ChatGLMTokenizer, train_sentencepiece
-from glmkit.train import TrainConfig, pretrain_batches, sft_batches, sft_examples, train
+from glmkit.train import TrainConfig, interleave, pretrain_batches, sft_batches, sft_examples, train
 
 
 @dataclass
@@ -33,8 +33,12 @@ class Recipe:
     character_coverage: float = 0.998  # rarer characters fall back to UTF-8 byte pieces
     eval_per_skill: int | None = None  # cap on held-out questions per skill/lang (None: all)
     # How often each skill's training records appear per epoch (1.0 when absent): fractions keep a seeded
-    # subset. Facts to memorise (capitals, words) need many more repetitions than templates do.
+    # subset. Facts to memorise (capitals, words) need many more repetitions than templates do. A key
+    # "skill/lang" overrides "skill" for that language.
     skill_weights: dict = field(default_factory=dict)
+    # Every n-th SFT step trains on a pre-training batch instead (0: never), so that fine-tuning does not
+    # wipe out what the model knew about running text (measured: perplexity 105 -> 19483 without it).
+    pretrain_every: int = 0
     notes: dict = field(default_factory=dict)
 
 
@@ -45,10 +49,14 @@ FULL = Recipe(
     model=dict(hidden_size=256, num_layers=4, num_attention_heads=4, inner_hidden_size=1024, max_sequence_length=512),
     pretrain=TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3, min_lr=1e-4, warmup_steps=60,
                          eval_every=250, eval_batches=4, save_every=100),
-    sft=TrainConfig(steps=5000, batch_size=32, seq_len=160, lr=2e-3, min_lr=1e-4, warmup_steps=100,
+    sft=TrainConfig(steps=9000, batch_size=32, seq_len=160, lr=2e-3, min_lr=1e-4, warmup_steps=100,
                     eval_every=500, eval_batches=4, save_every=100, seed=1),
-    skill_weights=dict(capital=4, capital_reverse=1, translate=2, arithmetic=1, multiturn=1, identity=1,
-                       greeting=0.3, number=0.2, arithmetic_mul=0.2, poem=0.05, idiom=0.05),
+    # Capitals/zh and arithmetic were still climbing at 5000 steps, and the zh capital errors were
+    # template confusion ("说一下美国的首都。" -> "说华盛顿特区。"): more steps, more of those two.
+    skill_weights={"capital": 4, "capital/zh": 6, "capital_reverse": 1, "translate": 2, "arithmetic": 2,
+                   "multiturn": 1, "identity": 1, "greeting": 0.3, "number": 0.2, "arithmetic_mul": 0.2,
+                   "poem": 0.05, "idiom": 0.05},
+    pretrain_every=8,
 )
 # The same pipeline on a slice, for tests: minutes, not hours.
 TINY = Recipe(
@@ -60,6 +68,7 @@ TINY = Recipe(
                     save_every=4),
     character_coverage=0.98,
     eval_per_skill=4,
+    pretrain_every=4,
 )
 
 
@@ -144,8 +153,13 @@ def stage_sft(work: Path, data: Path, base: Path, tokenizer: ChatGLMTokenizer, r
     records = weighted(read_jsonl(data / "sft" / "train.jsonl"), recipe.skill_weights, config.seed)
     examples = sft_examples(records, tokenizer, specials, config.seq_len)
     held = sft_examples(read_jsonl(data / "sft" / "heldout.jsonl"), tokenizer, specials, config.seq_len)
+    batches = sft_batches(examples, config)
+    if recipe.pretrain_every:
+        docs = [tokenizer.encode(d["text"], add_special_tokens=False)
+                for d in read_jsonl(data / "pretrain" / "train.jsonl")]
+        batches = interleave(batches, pretrain_batches(docs, specials, recipe.pretrain), recipe.pretrain_every)
     model = GLMForCausalLM.from_pretrained(base, progress=False)
-    train(model, sft_batches(examples, config), config, out, sft_batches(held, config), progress=progress)
+    train(model, batches, config, out, sft_batches(held, config), progress=progress)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return out / "model"
@@ -156,7 +170,7 @@ def weighted(records: list[dict], weights: dict, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for r in records:
-        w = float(weights.get(r["skill"], 1.0))
+        w = float(weights.get(f"{r['skill']}/{r.get('lang')}", weights.get(r["skill"], 1.0)))
         out += [r] * int(w)
         if rng.random() < w - int(w):
             out.append(r)

@@ -136,7 +136,8 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition):
+    def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition,
+                prefix: torch.Tensor | None = None):
         batch, seq, _ = x.shape
         # The fused projection is interleaved per head: [q_h | k_h | v_h] for each head h.
         qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
@@ -145,6 +146,9 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if self.kv_cache is not None and cache_position is not None:
             k, v = self.kv_cache.update(cache_position, k, v)  # [B, H, T, D]
+        if prefix is not None:  # P-Tuning v2 keys/values [2, H, P, D], in front of everything, unrotated
+            k = torch.cat([prefix[0].expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(batch, -1, -1, -1), v], dim=2)
         # The official (layer_id + 1) query scaling cancels out; it only guards fp16 overflow, which
         # SDPA's fp32 accumulation already avoids.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
@@ -170,11 +174,60 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition):
+    def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition,
+                prefix: torch.Tensor | None = None):
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, allowed, cache_position)
+        h = x * self.alpha + self.attention(x, rope, allowed, cache_position, prefix)
         x = self.post_attention_layernorm(h)
         return x * self.alpha + self.mlp(x)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: `pre_seq_len` trained keys and values for every layer, the only trained weights.
+
+    The parameter names are the official ones (`embedding`, `trans`), so official P-Tuning
+    checkpoints load as they are. At inference the prefix never changes, so it is computed once and
+    kept until the next training step or load."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        assert config.pre_seq_len, "PrefixEncoder needs config.pre_seq_len"
+        self.pre_seq_len, self.num_layers = config.pre_seq_len, config.num_layers
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        width = config.num_layers * 2 * config.hidden_size
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, width))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, width)
+            self.trans = None
+        self.dropout = nn.Dropout(0.1)  # the official training recipe's; off in eval mode
+        self._cached: torch.Tensor | None = None
+
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        """[layers, 2, heads, pre_seq_len, head_dim]: layer i's keys at [i, 0], values at [i, 1]."""
+        if self.training or torch.is_grad_enabled():
+            self._cached = None
+            return self._compute(dtype)
+        if self._cached is None or self._cached.dtype != dtype:
+            self._cached = self._compute(dtype)
+        return self._cached
+
+    def _compute(self, dtype: torch.dtype) -> torch.Tensor:
+        out = self.embedding.weight
+        if self.trans is not None:
+            out = self.trans(out)
+        out = self.dropout(out.view(self.pre_seq_len, self.num_layers, 2, self.heads, self.head_dim))
+        return out.permute(1, 2, 3, 0, 4).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        self._cached = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cached = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 class GLMTransformer(nn.Module):
@@ -188,6 +241,7 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
         self.rotary = RotaryEmbedding(rotary_dim, config.rotary_base)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
         """position_ids [B, P, S] with P = 2 (position, block position) or 1."""
@@ -207,8 +261,15 @@ class GLMTransformer(nn.Module):
         h = self.word_embeddings(input_ids)
         rope = self.rope(position_ids, h.dtype)
         allowed = None if attention_mask is None else _allowed(attention_mask, cache_position)
-        for layer in self.layers:
-            h = layer(h, rope, allowed, cache_position)
+        if self.prefix_encoder is None:
+            for layer in self.layers:
+                h = layer(h, rope, allowed, cache_position)
+            return self.final_layernorm(h)
+        prefix = self.prefix_encoder(h.dtype)
+        if allowed is not None:  # every token sees the whole prefix
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], prefix.shape[3]), allowed], dim=-1)
+        for layer, layer_prefix in zip(self.layers, prefix, strict=True):
+            h = layer(h, rope, allowed, cache_position, layer_prefix)
         return self.final_layernorm(h)
 
 

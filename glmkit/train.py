@@ -132,6 +132,11 @@ def sft_batches(examples: Sequence[Example], config: TrainConfig) -> Batches:
     return Batches(make)
 
 
+def interleave(main: Batches, other: Batches, every: int) -> Batches:
+    """`main`, except that every `every`-th step draws its batch from `other` (a replay mix)."""
+    return Batches(lambda step, micro: (other if (step + 1) % every == 0 else main).batch(step, micro))
+
+
 def loss_of(model: GLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over labelled positions, and how many there were.
 

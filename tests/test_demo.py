@@ -70,3 +70,17 @@ def test_skill_weights_repeat_and_subsample_records_deterministically():
     assert 60 < sum(r["skill"] == "poem" for r in mixed) < 140  # about a tenth, seeded
     assert mixed == weighted(records, {"capital": 3, "poem": 0.1}, seed=0)
     assert weighted(records, {}, seed=0) == records
+
+
+def test_language_specific_weight_overrides_the_skill_weight():
+    records = [{"skill": "capital", "lang": lang} for lang in ("en", "zh") for _ in range(10)]
+    mixed = weighted(records, {"capital": 2, "capital/zh": 5}, seed=0)
+    assert sum(r["lang"] == "en" for r in mixed) == 20
+    assert sum(r["lang"] == "zh" for r in mixed) == 50
+
+
+def test_interleave_takes_every_nth_step_from_the_other_source():
+    from glmkit.train import Batches, interleave
+    mixed = interleave(Batches(lambda step, micro: ["main", step]), Batches(lambda step, micro: ["other", step]), 4)
+    sources = [mixed.batch(step, 0)[0] for step in range(8)]
+    assert sources == ["main", "main", "main", "other", "main", "main", "main", "other"]

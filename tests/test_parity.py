@@ -117,9 +117,9 @@ def test_positions_and_mask_derived_from_ids_match_official():
                                atol=2e-3, rtol=0)
 
 
-def test_p_tuning_v2_prefix_in_the_first_cache_slots_matches_official():
-    """P-Tuning v2: per-layer prefix keys/values (no rotary, never masked) placed in the first
-    pre_seq_len slots of the KV cache reproduce the official hidden states."""
+def test_p_tuning_v2_prefix_encoder_matches_official():
+    """P-Tuning v2 through glmkit's PrefixEncoder: the official prefix keys/values (no rotary, never
+    masked) put into its embedding reproduce the official hidden states, with the KV cache."""
     path = DATA.with_name("glm_ptuning_v2_model.data")
     if not path.exists():
         pytest.skip(f"reference vectors not found at {path}")
@@ -127,17 +127,12 @@ def test_p_tuning_v2_prefix_in_the_first_cache_slots_matches_official():
     r = Reader(path)
     prefix = r.take(np.float16, 2, heads, pre_seq_len, head_dim).float()  # [2 * layers, heads, pre, dim]
     weights, steps = _parse(r)  # then the same layout as glm_model.data
-    model = build_model(weights, tiny_official_config())
-    model.setup_kv_cache(1, pre_seq_len + 8)
-    cache = model.transformer.layers[0].attention.kv_cache
-    cache.k[0, :, :pre_seq_len] = prefix[0]
-    cache.v[0, :, :pre_seq_len] = prefix[1]
-    (x1, y1), (x2, y2), (x3, y3) = steps
-    blocked = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
-    mask = torch.cat([torch.zeros(3, pre_seq_len, dtype=torch.bool), blocked], dim=1)[None, None]
+    # The official encoder's output row p is (layer, key/value, head, dim) flattened.
+    weights["transformer.prefix_encoder.embedding.weight"] = prefix.permute(2, 0, 1, 3).reshape(pre_seq_len, -1)
+    model = build_model(weights, tiny_official_config(pre_seq_len=pre_seq_len))
+    for got, (_, want) in zip(run_three_steps(model, steps), steps, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-4, rtol=0)
+    model.transformer.prefix_encoder.embedding.weight.data.zero_()
     with torch.no_grad():
-        got1 = model.transformer(x1[None], torch.tensor([[[0, 1, 1], [0, 0, 1]]]), mask, cache_position=pre_seq_len)
-        got2 = model.transformer(x2[None], torch.tensor([[[1], [2]]]), None, cache_position=pre_seq_len + 3)
-        got3 = model.transformer(x3[None], torch.tensor([[[1], [3]]]), None, cache_position=pre_seq_len + 4)
-    for got, want in ((got1, y1), (got2, y2), (got3, y3)):
-        torch.testing.assert_close(got[0], want, atol=5e-4, rtol=0)
+        changed = run_three_steps(model, steps)[0]
+    assert (changed - steps[0][1]).abs().max() > 1e-2  # the prefix really is used
