@@ -40,6 +40,12 @@ def build_prompt(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
     return f"{rounds}[Round {len(history)}]\n问：{query}\n答："
 
 
+def with_system(system: str, first_query: str) -> str:
+    """ChatGLM-6B has no system role: system text goes in front of the first user message (the one
+    rule for the OpenAI server and for fine-tuning data, so a model is served as it was trained)."""
+    return f"{system}\n\n{first_query}" if system else first_query
+
+
 def process_response(text: str) -> str:
     """The official clean-up: the tokenizer normalises full-width punctuation to ASCII, so the model
     writes ASCII; put it back to full width where it touches a Chinese character."""

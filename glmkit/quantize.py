@@ -113,22 +113,30 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is None or self._kernel[-1] != x.dtype:
-            self._kernel = self._prepare_kernel(x)
-        kind = self._kernel[0]
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > DENSE_ABOVE_ROWS and x.dtype != torch.bfloat16:
-            kind = "dequantize"
-        if kind == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._kernel[1])
-        elif kind == "int4":
-            _, packed, group, scales_and_zeros, _ = self._kernel
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_and_zeros)
+        if torch.is_grad_enabled() and flat.requires_grad:  # training adapters on a frozen quantized base
+            out = _FrozenQuantizedMatmul.apply(flat, self)
         else:
-            out = F.linear(flat, self.dequantized_weight().to(x.dtype))
+            out = self._matmul(flat)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] @ W^T, by the fastest path for x's dtype and rows."""
+        if self._kernel is None or self._kernel[-1] != x.dtype:
+            self._kernel = self._prepare_kernel(x)
+        kind = self._kernel[0]
+        if x.shape[0] > DENSE_ABOVE_ROWS and x.dtype != torch.bfloat16:
+            kind = "dequantize"
+        if kind == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(x, self.weight, self._kernel[1])
+        elif kind == "int4":
+            _, packed, group, scales_and_zeros, _ = self._kernel
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+        else:
+            out = F.linear(x, self.dequantized_weight().to(x.dtype))
+        return out
 
     def _prepare_kernel(self, x: torch.Tensor) -> tuple:
         """The fastest path for activations like x, as (kind, *its tensors, x.dtype); scales are
@@ -154,6 +162,21 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x @ W^T with W quantized and frozen: the gradient flows to x only. Backward dequantizes the
+    weight for the moment it needs it, so no full-precision copy outlives the step (what keeps LoRA
+    on a quantized base near the quantized model's memory)."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
 
 
 def block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:

@@ -152,15 +152,28 @@ def loss_of(model: GLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
 def save_checkpoint(path: Path, model: GLM, optimizer: torch.optim.Optimizer, step: int, meta: dict) -> None:
     """Atomic: a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "meta": meta}, tmp)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"model": trained, "optimizer": optimizer.state_dict(), "step": step, "meta": meta}, tmp)
     os.replace(tmp, path)
+
+
+def restore_trained(model: GLM, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint's trained parameters; every parameter now training must be in it."""
+    training = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(training - set(state))
+    if missing:
+        raise ValueError(f"{path} does not hold {missing[0]} (and {len(missing) - 1} more): it was written by a run "
+                         "with other settings; use another output directory or delete the checkpoint")
+    model.load_state_dict(state, strict=False)
 
 
 def make_optimizer(model: GLM, config: TrainConfig) -> torch.optim.AdamW:
     """No weight decay on norms and biases (the usual rule)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
@@ -172,20 +185,25 @@ def train(
     eval_batches: Batches | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    trainable: Callable[[str], bool] | None = None,
 ) -> dict:
     """Train in place, resuming from out_dir/checkpoint.pt when it exists; returns the final metrics.
 
+    `trainable(name)` picks the parameters that learn (all by default); the rest stay frozen, and
+    checkpoints hold the trained ones only, so an adapter's checkpoint is adapter-sized.
     stop_after ends the run early at that step (used to test that resuming is exact)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
     model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or trainable(name))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no parameter is selected for training")
     optimizer = make_optimizer(model, config)
     start = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=model.device, weights_only=True)
-        model.load_state_dict(state["model"])
+        restore_trained(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     log = out_dir / "log.jsonl"
@@ -204,7 +222,7 @@ def train(
             (loss / config.grad_accum).backward()
             loss_sum += loss.item() / config.grad_accum
             tokens_seen += int(batch["input_ids"].numel())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "loss": round(loss_sum, 4), "lr": config.lr_at(step),

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from glmkit.chat import build_prompt, held_back, process_response
+from glmkit.chat import build_prompt, held_back, process_response, with_system
 from glmkit.engine.async_engine import AsyncEngine
 from glmkit.generation import SamplingParams
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
@@ -141,8 +141,7 @@ class Serving:
         if not turns[-1].content.strip():
             raise APIError(400, "the last user message is empty", param="messages")
         contents = [m.content for m in turns]
-        if system:
-            contents[0] = f"{system}\n\n{contents[0]}"
+        contents[0] = with_system(system, contents[0])
         history = list(zip(contents[0:-1:2], contents[1:-1:2], strict=True))
         return build_prompt(contents[-1], history)
 
