@@ -118,8 +118,8 @@ def add_lora(model: GLM, config: LoraConfig) -> list[str]:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear | QuantizedLinear) and matches_target(name, config.target_modules):
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr,
-                    LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout))
+            layer = LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout).train(model.training)
+            setattr(model.get_submodule(parent_name), attr, layer)
             wrapped.append(name)
     if not wrapped:
         known = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -134,6 +134,7 @@ def add_prefix(model: GLM, pre_seq_len: int, prefix_projection: bool = False) ->
         raise AdapterError("the model already has a P-Tuning prefix; merge or drop it before adding another")
     model.config.pre_seq_len, model.config.prefix_projection = pre_seq_len, prefix_projection
     encoder = PrefixEncoder(model.config).to(device=model.device, dtype=_float_model_dtype(model))
+    encoder.train(model.training)  # a model loaded for inference must not get a prefix with dropout on
     nn.init.normal_(encoder.embedding.weight, std=0.02)
     model.transformer.prefix_encoder = encoder
     return encoder

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from glmkit import chat as chat_lib
+from glmkit.adapters import load_adapter
 from glmkit.checkpoint import load_model, save_model
 from glmkit.generation import SamplingParams, generate, stream_tokens
 from glmkit.model import GLM
@@ -41,13 +42,19 @@ class GLMForCausalLM(GLM):
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         progress: bool = True, quantize: int | None = None, group_size: int | None = None,
+        adapter: str | Path | None = None,
     ) -> GLMForCausalLM:
         """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
 
         quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
-        per scale, 128 by default); a checkpoint saved quantized loads quantized without it."""
-        return load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls, quantize=quantize,
-                          group_size=group_size)
+        per scale, 128 by default); a checkpoint saved quantized loads quantized without it.
+        adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
+        scripts) applied on top, after quantizing."""
+        model = load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls, quantize=quantize,
+                           group_size=group_size)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        return model
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the official layout (safetensors unless safe_serialization=False), tokenizer included."""
@@ -84,11 +91,12 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-    progress: bool = True, quantize: int | None = None,
+    progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None,
 ) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
-    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
+    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
+                                           adapter=adapter)
     tokenizer = ChatGLMTokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

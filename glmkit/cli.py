@@ -7,6 +7,9 @@
     glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
     glmkit demo build                         rebuild the shipped demo model from nothing
     glmkit eval-chat --model PATH --data F    held-out exact-match accuracy per skill and language
+    glmkit finetune --data F --method M       P-Tuning v2, LoRA or full fine-tuning, resumable
+    glmkit merge --adapter A --output D       fold an adapter into its base model
+    glmkit eval-gen --data F [--adapter A]    BLEU-4 / ROUGE of greedy answers
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "written by 'glmkit quantize' is loaded quantized without this flag")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice, usually one per core)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="a LoRA or P-Tuning v2 adapter directory to apply (glmkit finetune's output, a PEFT "
+                             "LoRA adapter, or an official ptuning checkpoint)")
+
+
+def load_from_args(args: argparse.Namespace, progress: bool = True):
+    """(model, tokenizer) as the model flags say."""
+    return load(args.model, dtype=args.dtype, device=args.device, progress=progress, quantize=args.quantize,
+                adapter=args.adapter)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
@@ -114,7 +126,7 @@ def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], op
 def cmd_chat(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    model, tokenizer = load_from_args(args)
     print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
     history: list[tuple[str, str]] = []
     while True:
@@ -144,7 +156,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == ["-"] else " ".join(args.prompt)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
+    model, tokenizer = load_from_args(args, progress=False)
     from glmkit.chat import stream_text
     from glmkit.generation import SamplingParams
 
@@ -185,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from glmkit.serve.app import create_app, model_name_for
 
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    model, tokenizer = load_from_args(args)
     name = args.served_model_name or model_name_for(args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, cors_origins=args.cors_origin)
@@ -264,7 +276,7 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     from glmkit.demo import read_jsonl
     from glmkit.evaluate import exact_match
 
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
+    model, tokenizer = load_from_args(args, progress=False)
     report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -277,6 +289,141 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     for skill, rows in samples.items():
         print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import math
+
+    from glmkit.adapters import LoraConfig
+    from glmkit.finetune import DEFAULT_LR, FinetuneConfig, finetune, read_chat_records
+    from glmkit.train import TrainConfig
+
+    if args.adapter is not None:
+        raise ValueError("finetune trains a new adapter on --model; to go on training one, rerun the command that "
+                         "started it (it resumes from its output directory)")
+    train_records = read_chat_records(args.data)
+    eval_records = read_chat_records(args.eval) if args.eval else None
+    model, tokenizer = load_from_args(args)
+    context = model.config.max_sequence_length
+    target = args.max_target_length or min(256, context // 4)
+    source = args.max_source_length or min(512, context - target)
+    steps = args.steps or math.ceil(args.epochs * len(train_records) / (args.batch_size * args.grad_accum))
+    lr = args.lr or DEFAULT_LR[args.method]
+    train = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, min_lr=lr / 10,
+                        warmup_steps=args.warmup_steps, weight_decay=0.0 if args.method != "full" else 0.01,
+                        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+                        seed=args.seed, dtype="bfloat16" if args.bf16 else "float32",
+                        seq_len=source + target)
+    config = FinetuneConfig(method=args.method, train=train, max_source_length=source, max_target_length=target,
+                            pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection,
+                            lora=LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                            target_modules=args.lora_target.split(",")))
+    print(f"glmkit: {args.method} on {len(train_records)} examples, {steps} steps of {args.batch_size}"
+          f"{f' x {args.grad_accum}' if args.grad_accum > 1 else ''}, lr {lr:g}", flush=True)
+    metrics = finetune(model, tokenizer, train_records, args.output, config, eval_records)
+    print(json.dumps(metrics))
+    what = "model" if args.method == "full" else "adapter"
+    use = f"--model {args.output}" if args.method == "full" else f"--model {args.model or '(default)'} --adapter {args.output}"
+    print(f"glmkit: {what} written to {args.output}; chat with it: glmkit chat {use}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from glmkit.adapters import merge_adapter
+
+    if args.adapter is None:
+        raise ValueError("merge needs --adapter DIR (the adapter to fold into --model)")
+    model, tokenizer = load_from_args(args)
+    merge_adapter(model)
+    out = model.save_pretrained(args.output, dtype=args.save_dtype or model.config.torch_dtype)
+    tokenizer.save_pretrained(out)
+    print(f"glmkit: merged model written to {out}")
+    return 0
+
+
+def cmd_eval_gen(args: argparse.Namespace) -> int:
+    from glmkit.evaluate import generation_report
+    from glmkit.finetune import read_chat_records
+
+    records = read_chat_records(args.data)
+    model, tokenizer = load_from_args(args, progress=False)
+    scores, answers = generation_report(model, tokenizer, records, args.batch_size, args.max_new_tokens)
+    if args.predictions:
+        with args.predictions.open("w", encoding="utf-8") as f:
+            for record, answer in zip(records, answers, strict=True):
+                f.write(json.dumps({"prompt": record["prompt"], "label": record["response"], "predict": answer},
+                                   ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key:12} {value}")
+    return 0
+
+
+def add_finetune_parsers(sub) -> None:
+    ft = sub.add_parser(
+        "finetune", help="fine-tune a chat model: P-Tuning v2, LoRA or full",
+        description="Train on JSONL chat data in the model's prompt format, loss on the answers only. Each line is "
+                    '{"content", "summary"} (the official P-Tuning format), {"prompt", "response", "history"} or '
+                    '{"messages": [{"role", "content"}, ...]} (OpenAI\'s). LoRA and P-Tuning write an adapter alone '
+                    "(LoRA in PEFT's layout); full writes a whole model. Rerunning the same command resumes.",
+        epilog="examples:\n  glmkit finetune --data train.jsonl --eval dev.jsonl --method lora --output runs/lora\n"
+               "  glmkit finetune --model ~/chatglm-6b --quantize 4 --data train.jsonl --method lora --output out\n"
+               "  glmkit finetune --model ~/chatglm-6b --data AdvertiseGen/train.json --method ptuning "
+               "--pre-seq-len 128 --lr 2e-2 --max-source-length 64 --max-target-length 64 --output out",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ft)
+    ft.add_argument("--data", type=Path, required=True, help="training JSONL")
+    ft.add_argument("--eval", type=Path, default=None, help="held-out JSONL: eval loss every --eval-every steps")
+    ft.add_argument("--method", choices=["ptuning", "lora", "full"], default="lora")
+    ft.add_argument("--output", "-o", type=Path, required=True, help="adapter/model and checkpoints go here")
+    ft.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    ft.add_argument("--epochs", type=float, default=3.0, help="passes over the data when --steps is not given")
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: ptuning 2e-2, lora 1e-3, "
+                                                           "full 1e-4); cosine decay to a tenth of it")
+    ft.add_argument("--warmup-steps", type=int, default=0)
+    ft.add_argument("--bf16", action="store_true", help="bfloat16 autocast (mixed precision)")
+    ft.add_argument("--max-source-length", type=int, default=None,
+                    help="prompt tokens kept, history included (default: min(512, context - target))")
+    ft.add_argument("--max-target-length", type=int, default=None,
+                    help="answer tokens kept; longer ones are cut with a warning (default: min(256, context / 4))")
+    group = ft.add_argument_group("P-Tuning v2")
+    group.add_argument("--pre-seq-len", type=int, default=128, help="prefix tokens (official recipe: 128)")
+    group.add_argument("--prefix-projection", action="store_true", help="an MLP over the prefix embedding")
+    group = ft.add_argument_group("LoRA")
+    group.add_argument("--lora-r", type=int, default=8, help="rank (default 8)")
+    group.add_argument("--lora-alpha", type=int, default=32, help="scale alpha / r (default 32)")
+    group.add_argument("--lora-dropout", type=float, default=0.1)
+    group.add_argument("--lora-target", default="query_key_value",
+                       help="comma-separated module names (default query_key_value; the block linears are "
+                            "query_key_value, dense, dense_h_to_4h, dense_4h_to_h)")
+    ft.add_argument("--eval-every", type=int, default=100)
+    ft.add_argument("--eval-batches", type=int, default=4)
+    ft.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (resume point)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.set_defaults(func=cmd_finetune)
+
+    merge = sub.add_parser("merge", help="fold an adapter into its base model and write a model directory",
+                           epilog="example:\n  glmkit merge --model ~/chatglm-6b --adapter runs/lora --output merged",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(merge)
+    merge.add_argument("--output", "-o", type=Path, required=True)
+    merge.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                       help="dtype on disk (default: the base checkpoint's)")
+    merge.set_defaults(func=cmd_merge)
+
+    gen = sub.add_parser("eval-gen", help="BLEU-4 and ROUGE-1/2/L of greedy answers, as the official P-Tuning "
+                                          "scripts report")
+    add_model_args(gen)
+    gen.add_argument("--data", type=Path, required=True, help="JSONL in any fine-tuning format")
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--predictions", type=Path, default=None, help="write {prompt, label, predict} JSONL here")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_eval_gen)
 
 
 def add_serve_parser(sub) -> None:
@@ -402,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
     add_pipeline_parsers(sub)
+    add_finetune_parsers(sub)
     return parser
 
 

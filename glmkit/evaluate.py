@@ -38,6 +38,21 @@ def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict
     return [process_response(tokenizer.decode(a)) for a in answers]
 
 
+def generation_report(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 16,
+                      max_new_tokens: int = 128, progress: bool = True) -> tuple[dict, list[str]]:
+    """BLEU-4 / ROUGE-1/2/L / exact match of greedy answers against the records' responses, and the answers."""
+    from glmkit.metrics import generation_scores  # jieba loads its dictionary on first use
+
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt"]))  # less padding
+    answers: list[str] = [""] * len(records)
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress):
+        rows = order[start:start + batch_size]
+        for i, answer in zip(rows, answer_batch(model, tokenizer, [records[i] for i in rows], max_new_tokens),
+                             strict=True):
+            answers[i] = answer
+    return generation_scores(answers, [r["response"] for r in records]), answers
+
+
 def language_of(text: str) -> str:
     """"zh" when Chinese characters outnumber Latin letters, else "en" (an English answer may quote a Chinese word)."""
     cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from glmkit.adapters import LoraConfig, add_lora, add_prefix, merge_adapter, save_adapter
 from glmkit.chat import build_prompt, with_system
 from glmkit.model import GLM
@@ -155,6 +157,7 @@ def prepare(model: GLM, config: FinetuneConfig) -> None:
     if config.method == "full" and model.config.quantization_bit:
         raise ValueError("full fine-tuning needs a full-precision model: load it without --quantize, or train "
                          "LoRA or P-Tuning on the quantized base")
+    torch.manual_seed(config.train.seed)  # the adapter's initial weights are part of the run
     if config.method == "lora":
         add_lora(model, config.lora)
     elif config.method == "ptuning":
@@ -182,7 +185,8 @@ def check_fits(model: GLM, config: FinetuneConfig) -> None:
 
 
 def finetune(model: GLM, tokenizer: ChatGLMTokenizer, train_records: Sequence[dict], out_dir: Path,
-             config: FinetuneConfig, eval_records: Sequence[dict] | None = None, progress: bool = True) -> dict:
+             config: FinetuneConfig, eval_records: Sequence[dict] | None = None, progress: bool = True,
+             stop_after: int | None = None) -> dict:
     """Train in place (resuming from out_dir's checkpoint), then write the result to out_dir:
     the adapter alone (LoRA, P-Tuning) or the whole model (full). Returns the final metrics."""
     check_fits(model, config)
@@ -193,9 +197,11 @@ def finetune(model: GLM, tokenizer: ChatGLMTokenizer, train_records: Sequence[di
         held = sft_batches(chat_examples(eval_records, tokenizer, config.max_source_length,
                                          config.max_target_length), config.train)
     metrics = train(model, sft_batches(examples, config.train), config.train, out_dir, held, progress=progress,
-                    trainable=trainable(config.method))
+                    trainable=trainable(config.method), stop_after=stop_after)
+    if stop_after is not None and metrics["step"] < config.train.steps:
+        return metrics  # interrupted on purpose: the checkpoint is the result
     if config.method == "full":
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, dtype=model.config.torch_dtype)  # the base checkpoint's dtype
         tokenizer.save_pretrained(out_dir)
     else:
         save_adapter(model, out_dir, config.lora if config.method == "lora" else None)

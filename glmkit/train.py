@@ -54,10 +54,14 @@ class TrainConfig:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def step_seed(seed: int, step: int, micro: int) -> int:
+    return seed * 1_000_003 + step * 1_009 + micro
+
+
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The randomness of one micro-batch, independent of everything that happened before it."""
     g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+    g.manual_seed(step_seed(seed, step, micro))
     return g
 
 
@@ -217,6 +221,7 @@ def train(
         loss_sum = 0.0
         for micro in range(config.grad_accum):
             batch = {k: v.to(model.device) for k, v in collate(batches.batch(step, micro), model.config.pad_token_id).items()}
+            torch.manual_seed(step_seed(config.seed, step, micro))  # dropout too is a function of the step
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
                 loss, _ = loss_of(model, batch)
             (loss / config.grad_accum).backward()
