@@ -124,11 +124,12 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] @ W^T, by the fastest path for x's dtype and rows."""
-        if self._kernel is None or self._kernel[-1] != x.dtype:
-            self._kernel = self._prepare_kernel(x)
-        kind = self._kernel[0]
         if x.shape[0] > DENSE_ABOVE_ROWS and x.dtype != torch.bfloat16:
-            kind = "dequantize"
+            kind = "dequantize"  # decided before packing: prompts and training never build the kernel's copy
+        else:
+            if self._kernel is None or self._kernel[-1] != x.dtype:
+                self._kernel = self._prepare_kernel(x)
+            kind = self._kernel[0]
         if kind == "int8":
             out = torch.ops.aten._weight_int8pack_mm(x, self.weight, self._kernel[1])
         elif kind == "int4":
