@@ -159,7 +159,7 @@ def adapter_state(model: GLM) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
         if ".lora_A." in name or ".lora_B." in name:
-            state[PEFT_PREFIX + name.replace(".base_layer", "")] = tensor
+            state[PEFT_PREFIX + name] = tensor
         elif name.startswith("transformer.prefix_encoder."):
             state[name] = tensor
     return state

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from glmkit.adapters import LoraConfig, add_lora, add_prefix, merge_adapter, save_adapter
+from glmkit.adapters import LoraConfig, add_lora, add_prefix, save_adapter
 from glmkit.chat import build_prompt, with_system
 from glmkit.model import GLM
 from glmkit.objectives import Example, Specials, chat_example
@@ -210,5 +210,4 @@ def finetune(model: GLM, tokenizer: ChatGLMTokenizer, train_records: Sequence[di
     return metrics
 
 
-__all__ = ["DataError", "FinetuneConfig", "METHODS", "chat_examples", "finetune", "merge_adapter",
-           "read_chat_records"]
+__all__ = ["DataError", "FinetuneConfig", "METHODS", "chat_examples", "finetune", "read_chat_records"]
