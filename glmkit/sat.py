@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from glmkit.checkpoint import DTYPES, CheckpointError, parse_size, plan_shards, remove_old_weights, write_weights
 from glmkit.config import GLMConfig, glm130b_architecture
 from glmkit.model import GLM
+from glmkit.tokenizer import VOCAB_FILE, ChatGLMTokenizer
 from glmkit.tp_layout import merge_tensors, shard_dim
 
 SHARD_GLOB = "mp_rank_*_model_states.pt"
@@ -230,5 +231,19 @@ def convert_sat(src: str | Path, dst: str | Path, config: GLMConfig, *, dtype: s
     bar.close()
     config.save(out)
     if tokenizer is not None:
-        shutil.copyfile(Path(tokenizer).expanduser(), out / "ice_text.model")
+        shutil.copyfile(Path(tokenizer).expanduser(), out / VOCAB_FILE)
+        check_tokenizer(out, config)
     return out
+
+
+def check_tokenizer(directory: Path, config: GLMConfig) -> None:
+    """The copied ice_text.model must give the model's special ids (icetk puts 20000 image ids in front)."""
+    tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+    pairs = {"<sop>": (tokenizer.bos_token_id, config.bos_token_id), "<eop>": (tokenizer.eos_token_id, config.eos_token_id),
+             "[MASK]": (tokenizer.mask_token_id, config.mask_token_id),
+             "[gMASK]": (tokenizer.gmask_token_id, config.gmask_token_id)}
+    wrong = [f"{piece} is {got} there but {want} in the model" for piece, (got, want) in pairs.items() if got != want]
+    if wrong or tokenizer.vocab_size > config.vocab_size:
+        (directory / VOCAB_FILE).unlink()
+        raise SatCheckpointError(f"the tokenizer does not belong to this model ({'; '.join(wrong) or 'too many ids'}); "
+                                 "use icetk's text tokenizer (the first ChatGLM-6B release's ice_text.model)")
