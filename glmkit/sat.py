@@ -157,14 +157,16 @@ def merged_shape(name: str, parts: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> SatCheckpointError:
+def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...], world: int) -> SatCheckpointError:
     dims = next((v for k, v in DIMENSIONS.items() if name.endswith(k)), (("--hidden-size", 1),) * len(expected))
     if len(actual) == len(expected):
-        for (argument, times), got, want in zip(dims, actual, expected, strict=True):
+        for dim, ((argument, times), got, want) in enumerate(zip(dims, actual, expected, strict=True)):
             if got != want:
+                # Only the count of rank files tells the world size, so a lost last rank looks like a small model.
+                ranks = f" (or rank files are missing: {world} found)" if dim == shard_dim(name) else ""
                 return SatCheckpointError(
                     f"{name} is {actual} in the checkpoint but the arguments give {expected}: {argument} is "
-                    f"{want // times}, the checkpoint says {got // times}; fix {argument}"
+                    f"{want // times}, the checkpoint says {got // times}; fix {argument}{ranks}"
                 )
     return SatCheckpointError(f"{name} is {actual} in the checkpoint but the arguments give {expected}")
 
@@ -191,7 +193,7 @@ def check_against(checkpoint: SatCheckpoint, config: GLMConfig, expected: dict[s
             raise SatCheckpointError(f"{name} is missing from rank(s) {absent}; the rank files do not belong together")
         actual = merged_shape(name, checkpoint.parts(name))
         if actual != tuple(expected[name]):
-            raise _shape_error(name, actual, tuple(expected[name]))
+            raise _shape_error(name, actual, tuple(expected[name]), checkpoint.world_size)
     missing = sorted(set(expected) - set(names))
     if missing:
         raise SatCheckpointError(f"the checkpoint lacks {', '.join(missing[:5])}"

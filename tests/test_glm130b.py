@@ -183,6 +183,7 @@ def test_glm130b_preset_is_the_released_model():
     assert (c.mask_token_id, c.gmask_token_id, c.smask_token_id) == (150000, 150001, 150002)
     assert (c.bos_token_id, c.eos_token_id, c.text_eos_token_id, c.pad_token_id) == (150004, 150005, 20002, 0)
     assert c.stop_token_ids == (150005, 20002)
+    assert preset("glm-130b", num_layers=2, hidden_size=64, num_attention_heads=4).residual_alpha == 2.0
 
 
 def test_config_round_trips_and_chatglm_configs_gain_no_keys(tmp_path):
@@ -358,7 +359,10 @@ def test_missing_latest_or_iteration_or_rank_is_reported(sat_copy, tmp_path):
     with pytest.raises(SatCheckpointError, match="names iteration '50000'"):
         convert_sat(src, tmp_path / "out", config, progress=False)
     (src / "latest").write_text("49300")
-    (src / "49300" / "mp_rank_00_model_states.pt").unlink()
+    (src / "49300" / "mp_rank_01_model_states.pt").unlink()  # the last rank: nothing counts the ranks
+    with pytest.raises(SatCheckpointError, match=r"or rank files are missing: 1 found"):
+        convert_sat(src, tmp_path / "out", config, progress=False)
+    (src / "49300" / "mp_rank_00_model_states.pt").rename(src / "49300" / "mp_rank_01_model_states.pt")
     with pytest.raises(SatCheckpointError, match="lacks mp_rank_00_model_states.pt"):
         convert_sat(src, tmp_path / "out", config, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
