@@ -17,7 +17,7 @@ import ctypes
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -233,7 +233,7 @@ def load_model(
     return model.eval()
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -244,17 +244,43 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets one of its own)."""
+    plan: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+    for name, nbytes in sizes.items():
+        if plan[-1] and size + nbytes > max_bytes:
+            plan.append([])
             size = 0
-        shards[-1][name] = tensor
+        plan[-1].append(name)
         size += nbytes
-    return shards
+    return plan
+
+
+def write_weights(directory: Path, plan: list[list[str]], tensor: Callable[[str], torch.Tensor],
+                  safe_serialization: bool = True) -> None:
+    """Write the planned shards (and their index) one at a time, asking for each tensor only when its shard
+    is written: a converter can then build tensors on the fly and hold one shard in memory, not the model."""
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(plan) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))
+    ]
+    total = 0
+    for name, keys in zip(names, plan, strict=True):
+        shard = {key: tensor(key) for key in keys}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        if safe_serialization:
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, directory / name)
+        del shard
+        release_freed_memory()
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {key: name for name, keys in zip(names, plan, strict=True) for key in keys},
+        }
+        (directory / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_model(
@@ -270,37 +296,22 @@ def save_model(
     Tied output weights are not stored twice: HF (and the official code through it) re-ties them."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(directory)
+    remove_old_weights(directory)
     target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
     state = {
         name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
         for name, t in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name == "lm_head.weight")
     }
-    shards = _shards(state, _parse_size(max_shard_size))
-    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
-        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
-    ]
-    for name, shard in zip(names, shards, strict=True):
-        if safe_serialization:
-            save_file(shard, str(directory / name), metadata={"format": "pt"})
-        else:
-            torch.save(shard, directory / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, shard in zip(names, shards, strict=True) for k in shard},
-        }
-        index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
-        (directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
+    plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
+    write_weights(directory, plan, state.__getitem__, safe_serialization)
     config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
     config.save(directory)
     _copy_tokenizer(getattr(model, "name_or_path", None), directory)
     return directory
 
 
-def _remove_old_weights(directory: Path) -> None:
+def remove_old_weights(directory: Path) -> None:
     """Stale shards of an earlier save would shadow or mix with the new ones at load time."""
     for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFE_INDEX, BIN_INDEX):
         for old in directory.glob(pattern):

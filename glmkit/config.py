@@ -19,8 +19,15 @@ from typing import Any
 # the official code follow the same rule.
 OFFICIAL_ALPHA_DEPTH = 28
 
-MLP_TYPES = ("gelu",)  # GLM-130B's "geglu" and ChatGLM2's "swiglu" come with their issues
+# "gelu": ChatGLM-6B's tanh-approximated GELU; "geglu": GLM-130B's x1 * gelu(x2) with the exact erf GELU,
+# where dense_h_to_4h is twice inner_hidden_size wide. (ChatGLM2's "swiglu" comes with its issue.)
+MLP_TYPES = ("gelu", "geglu")
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+OPTIONAL_TOKEN_IDS = ("smask_token_id", "text_eos_token_id")
+# glmkit keys left out of config.json at these values (GLM-130B's additions).
+OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False}
 
 
 class ConfigError(ValueError):
@@ -44,12 +51,20 @@ class GLMConfig:
     mask_token_id: int = 130000  # [MASK]
     gmask_token_id: int = 130001  # [gMASK]
     pad_token_id: int = 3
+    # GLM-130B's icetk vocabulary has two more ids that matter: [sMASK] (a sentence blank) and the
+    # text tokenizer's `</s>`, which ends generation as <eop> does. Unset (None) for ChatGLM-6B.
+    smask_token_id: int | None = None
+    text_eos_token_id: int | None = None
     torch_dtype: str = "float16"
     tie_word_embeddings: bool = True
     # glmkit's explicit versions of what the official code fixes implicitly.
     residual_alpha: float = math.sqrt(2 * OFFICIAL_ALPHA_DEPTH)
     rotary_base: float = 10000.0
     mlp_type: str = "gelu"
+    # SwissArmyTransformer (GLM-130B) builds the rotary cos/sin table in fp16 whatever the model's dtype:
+    # inv_freq, positions, their products and cos/sin are all rounded to fp16. Matching it moves fp32
+    # logits by up to ~1 on long prompts.
+    rotary_table_fp16: bool = False
     # Weight-only quantization of the block linears (glmkit/quantize.py): 0 (none), 8 or 4, the
     # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
     quantization_bit: int = 0
@@ -84,9 +99,10 @@ class GLMConfig:
             raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
-        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id",
+                     *OPTIONAL_TOKEN_IDS):
             token = getattr(self, name)
-            if not 0 <= token < self.vocab_size:
+            if token is not None and not 0 <= token < self.vocab_size:
                 raise ConfigError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
 
     @classmethod
@@ -102,8 +118,15 @@ class GLMConfig:
         except TypeError as e:
             raise ConfigError(f"invalid config: {e}") from e
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generated answer: <eop>, and GLM-130B's `</s>` too."""
+        return (self.eos_token_id,) if self.text_eos_token_id is None else (self.eos_token_id, self.text_eos_token_id)
+
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        """Keys GLM-130B added are written only when set, so ChatGLM-6B configs stay as they were."""
+        data = {k: v for k, v in asdict(self).items()
+                if k != "extra" and not (k in OPTIONAL_KEYS and v == OPTIONAL_KEYS[k])}
         return {**self.extra, "model_type": "chatglm", **data}
 
     @classmethod
@@ -133,6 +156,18 @@ def _reject_other_generations(data: dict[str, Any]) -> None:
         raise ConfigError(f"model_type {data['model_type']!r} is not 'chatglm'")
 
 
+def glm130b_architecture(num_layers: int, **sizes: Any) -> dict[str, Any]:
+    """GLM-130B's fixed choices around the sizes that its launch script passes (SwissArmyTransformer's
+    checkpoints carry no config). DeepNorm's alpha really follows the depth here: sqrt(2 * num_layers)."""
+    fixed = dict(
+        position_encoding_2d=False, mlp_type="geglu", rotary_table_fp16=True, tie_word_embeddings=True,
+        # icetk: 20000 image tokens, then the text pieces; the commands from 150000 on.
+        mask_token_id=150000, gmask_token_id=150001, smask_token_id=150002, bos_token_id=150004,
+        eos_token_id=150005, text_eos_token_id=20002, pad_token_id=0,
+    )
+    return {**fixed, "num_layers": num_layers, "residual_alpha": math.sqrt(2 * num_layers), **sizes}
+
+
 # Named presets, as plain dicts. https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
 PRESETS: dict[str, dict[str, Any]] = {
     "chatglm-6b": {},
@@ -141,10 +176,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=150528, bos_token_id=150004, eos_token_id=150005, mask_token_id=150000,
         gmask_token_id=150001, pad_token_id=20003,
     ),
+    # https://github.com/THUDM/GLM-130B/blob/main/configs/model_glm_130b.sh (--fp16 weights)
+    "glm-130b": glm130b_architecture(
+        num_layers=70, hidden_size=12288, inner_hidden_size=32768, num_attention_heads=96, vocab_size=150528,
+        max_sequence_length=2048, torch_dtype="float16",
+    ),
 }
+
+
+# Presets whose DeepNorm alpha follows the depth, so a shallower variant (tests, ablations) gets its own.
+ALPHA_FOLLOWS_DEPTH = ("glm-130b",)
 
 
 def preset(name: str, **overrides: Any) -> GLMConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return GLMConfig(**{**PRESETS[name], **overrides})
+    values = {**PRESETS[name], **overrides}
+    if name in ALPHA_FOLLOWS_DEPTH and "residual_alpha" not in overrides:
+        values["residual_alpha"] = math.sqrt(2 * values["num_layers"])
+    return GLMConfig(**values)

@@ -1,10 +1,17 @@
-"""The GLM transformer as ChatGLM-6B uses it, read top to bottom.
+"""The GLM transformer as ChatGLM-6B and GLM-130B use it, read top to bottom.
 
     input_ids ─ word_embeddings ─┬─ GLMBlock x num_layers ─ final_layernorm ─ lm_head (tied) ─ logits
                                  │
     GLMBlock (DeepNorm-style post-norm: the residual is the *normalised* input, scaled by alpha):
         x = input_layernorm(h);          h = alpha * x + attention(x)
         x = post_attention_layernorm(h); h = alpha * x + mlp(x)
+
+    The two models differ only where the config says so (modules chosen in __init__):
+                          ChatGLM-6B                        GLM-130B
+        positions         2D rotary, each on half a head    1D rotary over the full head (position_encoding_2d)
+        rotary table      fp32 (fp16 in fp16 runs)          always fp16 (rotary_table_fp16)
+        mlp               gelu(tanh) of dense_h_to_4h        x1 * gelu(x2), [x1 | x2] = dense_h_to_4h (mlp_type)
+        alpha             sqrt(2 * 28) whatever the depth   sqrt(2 * num_layers) (residual_alpha)
 
 Parameter names are the official checkpoint's (`transformer.layers.0.attention.query_key_value`...),
 so loading is a plain state-dict copy. Activations are [batch, seq, hidden] (the official code uses
@@ -36,11 +43,13 @@ class RotaryEmbedding(nn.Module):
     `inv_freq` is rounded to fp16 because the official code does so unconditionally; without it
     fp32 logits drift by ~1e-3. In fp16 the official code also multiplies positions by inv_freq in
     fp16, which we reproduce; in fp32 and bf16 the angles are computed in fp32 (the official bf16 path
-    builds positions in bf16, losing integers above 256, which we deliberately do not copy)."""
+    builds positions in bf16, losing integers above 256, which we deliberately do not copy).
+    With `fp16_table` (GLM-130B's SwissArmyTransformer) the whole table is fp16 whatever the dtype:
+    positions, their products with inv_freq, and cos/sin are each rounded to fp16."""
 
-    def __init__(self, dim: int, base: float) -> None:
+    def __init__(self, dim: int, base: float, fp16_table: bool = False) -> None:
         super().__init__()
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.fp16_table = dim, base, fp16_table
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         # Computed per call (a few dozen numbers), so a model built on the meta device needs no fix-up.
@@ -48,10 +57,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, S] -> cos, sin [B, S, 1, dim] (the 1 broadcasts over heads)."""
-        compute = torch.float16 if dtype == torch.float16 else torch.float32
-        freqs = positions.to(compute)[..., None] * self.inv_freq(positions.device).to(compute)  # [B, S, dim/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        table = torch.float16 if dtype == torch.float16 or self.fp16_table else torch.float32
+        freqs = positions.to(table)[..., None] * self.inv_freq(positions.device).to(table)  # [B, S, dim/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :].float()
+        # cos/sin computed in fp32 and rounded once to the table's precision, as fp16 kernels do.
+        return angles.cos().to(table).to(dtype), angles.sin().to(table).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -155,14 +165,30 @@ class SelfAttention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
+class GeGLU(nn.Module):
+    """GLM-130B's gated GELU: the up-projection's first half, gated by the GELU of its second half.
+
+    x [..., 2 * inner] = [x1 | x2] -> x1 * gelu(x2) [..., inner], with the exact erf GELU, as
+    SwissArmyTransformer's F.gelu (ChatGLM-6B's tanh approximation would drift from the checkpoint)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x1 * F.gelu(x2)
+
+
 class MLP(nn.Module):
+    """dense_h_to_4h -> activation -> dense_4h_to_h; GeGLU's up-projection is twice as wide."""
+
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        geglu = config.mlp_type == "geglu"
+        width = 2 * config.inner_hidden_size if geglu else config.inner_hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, width)
+        self.activation = GeGLU() if geglu else nn.GELU(approximate="tanh")
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))
 
 
 class GLMBlock(nn.Module):
@@ -240,7 +266,7 @@ class GLMTransformer(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
-        self.rotary = RotaryEmbedding(rotary_dim, config.rotary_base)
+        self.rotary = RotaryEmbedding(rotary_dim, config.rotary_base, config.rotary_table_fp16)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from glmkit import GLMForCausalLM
-from glmkit.config import GLMConfig
+from glmkit.config import GLMConfig, glm130b_architecture
 
 # Special ids of the tiny id-only vocabulary (the tokenizer-backed models take theirs from the tokenizer).
 MASK, GMASK, SOP, EOP, PAD = 250, 251, 252, 253, 3
+SMASK, EOS = 254, 2  # GLM-130B's [sMASK] and text `</s>`
 
 
 def tiny_config(**overrides) -> GLMConfig:
@@ -19,6 +20,17 @@ def tiny_config(**overrides) -> GLMConfig:
                 max_sequence_length=96, bos_token_id=SOP, eos_token_id=EOP, mask_token_id=MASK,
                 gmask_token_id=GMASK, pad_token_id=PAD, torch_dtype="float32")
     return GLMConfig(**{**base, **overrides})
+
+
+def tiny_glm130b_config(**overrides) -> GLMConfig:
+    """GLM-130B's architecture (GeGLU, 1D rotary with the fp16 table, alpha from the depth) at toy size,
+    over the tiny id-only vocabulary."""
+    sizes = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, inner_hidden_size=96,
+                 max_sequence_length=96, bos_token_id=SOP, eos_token_id=EOP, mask_token_id=MASK,
+                 gmask_token_id=GMASK, smask_token_id=SMASK, text_eos_token_id=EOS, pad_token_id=0,
+                 torch_dtype="float32")
+    sizes.update(overrides)
+    return GLMConfig(**glm130b_architecture(sizes.pop("num_layers", 2), **sizes))
 
 
 def random_model(config: GLMConfig | None = None, seed: int = 0) -> GLMForCausalLM:
