@@ -319,6 +319,8 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         with path.open("rb") as f:
             memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable, so no torch warning
+        if hasattr(memory, "madvise"):  # no read-ahead: it would pull in the other ranks' slices too
+            memory.madvise(mmap.MADV_RANDOM)
         start = 8 + int.from_bytes(memory[:8], "little")
         for name, meta in _header(path).items():
             dtype = SAFE_DTYPES.get(meta["dtype"])
