@@ -70,7 +70,7 @@ def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
     """Yield the answer so far after each token that changes it; end on an end token or a stop string."""
-    eos = set(params.eos_token_ids or (model.config.eos_token_id,))
+    eos = set(params.eos_token_ids or model.config.stop_token_ids)
     new: list[int] = []
     shown = ""
     for tokens in stream_tokens(model, [prompt_ids], params):

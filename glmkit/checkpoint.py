@@ -255,7 +255,8 @@ def load_model(
         on_load = (quantize, group)
     if tp > 1:
         tp_lib.check_quantized_groups(model, *(on_load or (stored_bits, config.quantization_group_size)), tp)
-    tensors = local_tensors(directory, config, rank, tp) if tp > 1 or stored_tp_size(config) > 1 else None
+    plain = stored_tp_size(config) == 1 and not (directory / "latest").is_file()
+    tensors = None if tp == 1 and plain else local_tensors(directory, config, rank, tp)
     load_weights(model, directory, dtype, device, progress, quantize=on_load, tensors=tensors,
                  reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None)
     if on_load:
@@ -279,13 +280,14 @@ def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
 
     Files are memory-mapped and sliced before anything is copied, so a rank reads only its part. With
     S a multiple of the world size a rank merges its S / world files; with the world size a multiple of
-    S it splits its one file further; an unsharded checkpoint is S = 1. `for_compute`: row-parallel
+    S it splits its one file further; an unsharded checkpoint is S = 1, an official SwissArmyTransformer
+    one (`latest`, mp_rank_XX files, next to a config.json) S = its model-parallel size. `for_compute`: row-parallel
     biases are zeros on ranks > 0 (the all-reduce adds rank 0's); on disk every rank keeps them."""
-    stored = stored_tp_size(config)
+    sources = _rank_sources(directory, stored_tp_size(config))
+    stored = len(sources)
     if stored % world and world % stored:
         raise CheckpointError(f"{directory} is sharded for {stored} tensor-parallel ranks, which cannot be loaded at "
                               f"--tp {world}; run: glmkit reshard {directory} NEW_DIR --tp {world}")
-    sources = _rank_sources(directory, stored)
     if stored >= world:
         per = stored // world
         maps = [dict(_mapped(files)) for files in sources[rank * per:(rank + 1) * per]]
@@ -299,7 +301,11 @@ def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
 
 
 def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
-    """The files of each stored rank: one per rank for a resharded checkpoint, all of them otherwise."""
+    """The files of each stored rank: one per rank for a resharded or SAT checkpoint, all of them otherwise."""
+    if (directory / "latest").is_file():
+        from glmkit import sat  # imported here: sat builds on this module
+
+        return [[f] for f in sat.rank_files(sat.iteration_directory(directory))]
     if stored == 1:
         return [weight_files(directory)]
     files = [directory / tp_file(r, stored) for r in range(stored)]
@@ -314,6 +320,11 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's mmap).
     Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
     for path in files:
+        if path.suffix == ".pt":  # a SAT rank file
+            from glmkit import sat
+
+            yield from ((n, t) for n, t in sat._load_rank(path).items() if not sat._ignored(n))
+            continue
         if path.suffix != ".safetensors":
             yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
             continue
@@ -332,7 +343,7 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, flat.view(meta["shape"])
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -343,17 +354,42 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets one of its own)."""
+    plan: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+    for name, nbytes in sizes.items():
+        if plan[-1] and size + nbytes > max_bytes:
+            plan.append([])
             size = 0
-        shards[-1][name] = tensor
+        plan[-1].append(name)
         size += nbytes
-    return shards
+    return plan
+
+
+def write_weights(directory: Path, plan: list[list[str]], tensor: Callable[[str], torch.Tensor],
+                  safe_serialization: bool = True) -> None:
+    """Write the planned shards (and their index) one at a time, asking for each tensor only when its shard
+    is written: a converter can then build tensors on the fly and hold one shard in memory, not the model."""
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(plan) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))
+    ]
+    total = 0
+    for name, keys in zip(names, plan, strict=True):
+        shard = {key: tensor(key) for key in keys}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        if safe_serialization:
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, directory / name)
+        del shard
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {key: name for name, keys in zip(names, plan, strict=True) for key in keys},
+        }
+        (directory / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_model(
@@ -369,37 +405,22 @@ def save_model(
     Tied output weights are not stored twice: HF (and the official code through it) re-ties them."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(directory)
+    remove_old_weights(directory)
     target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
     state = {
         name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
         for name, t in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name == "lm_head.weight")
     }
-    shards = _shards(state, _parse_size(max_shard_size))
-    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
-        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
-    ]
-    for name, shard in zip(names, shards, strict=True):
-        if safe_serialization:
-            save_file(shard, str(directory / name), metadata={"format": "pt"})
-        else:
-            torch.save(shard, directory / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, shard in zip(names, shards, strict=True) for k in shard},
-        }
-        index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
-        (directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
+    plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
+    write_weights(directory, plan, state.__getitem__, safe_serialization)
     config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
     config.save(directory)
     _copy_tokenizer(getattr(model, "name_or_path", None), directory)
     return directory
 
 
-def _remove_old_weights(directory: Path) -> None:
+def remove_old_weights(directory: Path) -> None:
     """Stale shards of an earlier save would shadow or mix with the new ones at load time."""
     for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFE_INDEX, BIN_INDEX):
         for old in directory.glob(pattern):

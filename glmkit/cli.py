@@ -10,6 +10,7 @@
     glmkit finetune --data F --method M       P-Tuning v2, LoRA or full fine-tuning, resumable
     glmkit merge --adapter A --output D       fold an adapter into its base model
     glmkit eval-gen --data F [--adapter A]    BLEU-4 / ROUGE of greedy answers
+    glmkit convert --from sat SRC DST         an official GLM-130B checkpoint to a model directory
     glmkit reshard SRC DST --tp N             per-rank checkpoint files for tensor parallelism
 
 Model commands take --tp N under `torchrun --nproc-per-node N -m glmkit ...` (glmkit/tp.py).
@@ -467,6 +468,63 @@ def add_finetune_parsers(sub) -> None:
     gen.set_defaults(func=cmd_eval_gen)
 
 
+CONVERT_EPILOG = """\
+SRC is the folder the official scripts pass as --load: it holds `latest` (the iteration) and
+<iteration>/mp_rank_00_model_states.pt ... one file per model-parallel rank, any number of ranks.
+The checkpoint stores no config, so give the sizes as the official script does
+(configs/model_glm_130b.sh), or --preset glm-130b for the released model; arguments given
+next to --preset override it.
+
+examples:
+  glmkit convert --from sat ~/glm-130b-sat ~/models/glm-130b --preset glm-130b
+  glmkit convert --from sat ckpt out --num-layers 2 --hidden-size 64 --inner-hidden-size 96 \\
+      --num-attention-heads 4 --vocab-size 150528 --max-sequence-length 2048 --layernorm-order post
+
+The output loads with GLMForCausalLM.from_pretrained(DST) and is described by `glmkit info DST`.
+For text, copy icetk's text tokenizer (ice_text.model; the first ChatGLM-6B release ships the same
+file) into DST, or pass it with --tokenizer."""
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from glmkit.config import PRESETS
+    from glmkit.sat import SIZE_ARGUMENTS, convert_sat, sat_config
+
+    sizes = dict(PRESETS[args.preset]) if args.preset else {}
+    sizes = {k: v for k, v in sizes.items() if k in SIZE_ARGUMENTS}
+    sizes.update({k: getattr(args, k) for k in SIZE_ARGUMENTS if getattr(args, k) is not None})
+    missing = [flag for key, flag in SIZE_ARGUMENTS.items() if key not in sizes and key != "inner_hidden_size"]
+    if missing:
+        raise ValueError(f"the checkpoint stores no config: give {', '.join(missing)} (as the official launch "
+                         "script does) or --preset glm-130b")
+    config = sat_config(**sizes, layernorm_order=args.layernorm_order)
+    out = convert_sat(args.src, args.dst, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      tokenizer=args.tokenizer)
+    print(f"glmkit: wrote {out} ({config.num_layers} layers, hidden {config.hidden_size}, {args.dtype})")
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="convert an official GLM-130B (SwissArmyTransformer) checkpoint",
+                          description="Merge the model-parallel shards of a SwissArmyTransformer checkpoint "
+                                      "(GLM-130B) into a glmkit model directory, one output shard at a time.",
+                          epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    conv.add_argument("--from", dest="source", choices=["sat"], required=True,
+                      help="checkpoint format: sat = SwissArmyTransformer (GLM-130B's official release)")
+    conv.add_argument("src", type=Path, help="the SAT checkpoint folder (holds `latest`)")
+    conv.add_argument("dst", type=Path, help="the model directory to write")
+    conv.add_argument("--preset", choices=["glm-130b"], default=None, help="the released model's sizes")
+    sizes = conv.add_argument_group("sizes (the official scripts' arguments)")
+    for flag in ("--num-layers", "--hidden-size", "--inner-hidden-size", "--num-attention-heads", "--vocab-size",
+                 "--max-sequence-length"):
+        sizes.add_argument(flag, type=int, default=None)
+    sizes.add_argument("--layernorm-order", default="post", help="GLM-130B's is 'post' (the only one supported)")
+    conv.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                      help="dtype of the written weights (default: float16, the release's)")
+    conv.add_argument("--max-shard-size", default="2GB", help="size of each output safetensors file (default 2GB)")
+    conv.add_argument("--tokenizer", type=Path, default=None, help="an ice_text.model to copy into DST")
+    conv.set_defaults(func=cmd_convert)
+
+
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the legacy ChatGLM API",
                            description="One process: POST /v1/chat/completions, /v1/completions, GET /v1/models "
@@ -602,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
+    add_convert_parser(sub)
     add_pipeline_parsers(sub)
     add_finetune_parsers(sub)
     return parser

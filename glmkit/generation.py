@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmkit.model import GLM
-from glmkit.positions import padded_layout
+from glmkit.positions import padded_layout, position_step
 
 
 @dataclass
@@ -129,16 +129,15 @@ class DecodeState:
     length: int  # tokens written to the cache so far
     last_positions: torch.Tensor  # [B, P, 1], the positions of the latest token
     pad_slots: torch.Tensor  # [B, prompt_length], True where the prompt was padded
+    step: torch.Tensor  # [B, P, 1], how the positions move per token (positions.position_step)
 
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [B, P, 1] and mask [B, 1, 1, length + 1] for the next token.
 
         Under 2D positions a new token keeps the mask's position and counts one more block position;
-        under 1D positions (a [gMASK] prompt) the position itself counts up."""
-        step = torch.zeros_like(self.last_positions)
-        step[:, -1] = 1
-        positions = self.last_positions + step
-        mask = torch.zeros(self.pad_slots.shape[0], 1, 1, self.length + 1, dtype=torch.bool, device=step.device)
+        under 1D positions the position itself counts up after [gMASK] and stays after [MASK]."""
+        positions = self.last_positions + self.step
+        mask = torch.zeros(self.pad_slots.shape[0], 1, 1, self.length + 1, dtype=torch.bool, device=positions.device)
         mask[:, 0, 0, : self.pad_slots.shape[1]] = self.pad_slots
         return positions, mask
 
@@ -146,14 +145,15 @@ class DecodeState:
 @torch.inference_mode()
 def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int) -> tuple[torch.Tensor, DecodeState]:
     """Encode the left-padded prompts into a fresh KV cache; return the last position's logits [B, V]."""
-    batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids,
-                                                               two_d=model.config.position_encoding_2d).items()}
+    two_d = model.config.position_encoding_2d
+    batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, two_d=two_d).items()}
     model.setup_kv_cache(len(sequences), total_slots)
     out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], cache_position=0, last_only=True)
     pad_slots = batch["input_ids"].new_zeros(batch["input_ids"].shape, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         pad_slots[row, : batch["input_ids"].shape[1] - len(seq)] = True
-    state = DecodeState(batch["input_ids"].shape[1], batch["position_ids"][:, :, -1:], pad_slots)
+    step = torch.tensor([position_step(s, model.special_ids, two_d) for s in sequences], device=model.device)
+    state = DecodeState(batch["input_ids"].shape[1], batch["position_ids"][:, :, -1:], pad_slots, step[..., None])
     return out.logits[:, -1].float(), state
 
 
@@ -179,7 +179,7 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
     total_slots = prompt_length + budget
     device = model.device
     generator = make_generator(params.seed, device)
-    eos = torch.tensor(params.eos_token_ids or (model.config.eos_token_id,), device=device)
+    eos = torch.tensor(params.eos_token_ids or model.config.stop_token_ids, device=device)
     seen = torch.zeros(len(sequences), model.config.vocab_size, dtype=torch.bool, device=device)
     for row, seq in enumerate(sequences):
         seen[row, torch.tensor(list(seq), device=device)] = True

@@ -4,6 +4,8 @@ GLM reads its prompt bidirectionally and generates causally. The boundary is the
 everything before it (the context, ending with `[gMASK]` or holding a `[MASK]`) sees everything
 else before it, and `<sop>` and what follows are causal. ChatGLM-6B adds a second position channel
 (2D positions): generated tokens all share the mask token's position and count up in the second one.
+GLM-130B has one channel (1D): after a `[MASK]` every generated token takes the mask's position,
+after a `[gMASK]` positions simply count on.
 
 The official code builds these in two places that disagree on padding (see the spec):
   * the model (`model_layout`): pads count as tokens, every column before `<sop>` is open, and
@@ -37,16 +39,16 @@ class MissingSopError(ValueError):
     """The input has no `<sop>`, so GLM cannot tell the context from the generated part."""
 
 
-def context_length(ids: Sequence[int], special: SpecialIds) -> int:
-    """Index of `<sop>`: the length of the bidirectional context."""
-    try:
-        return list(ids).index(special.bos)
-    except ValueError:
+def context_length(ids: Sequence[int], special: SpecialIds, last: bool = False) -> int:
+    """Index of `<sop>` (the first one, or with `last` the last one): the length of the bidirectional context."""
+    ids = list(ids)
+    if special.bos not in ids:
         raise MissingSopError(
             f"input ids contain no <sop> (id {special.bos}); GLM needs '[gMASK] <sop>' (or a [MASK] and <sop>) "
             "to know where generation starts. Encode prompts with tokenizer.encode(text) or tokenizer([text]), "
             "which append them."
-        ) from None
+        )
+    return len(ids) - 1 - ids[::-1].index(special.bos) if last else ids.index(special.bos)
 
 
 def mask_position(ids: Sequence[int], special: SpecialIds, prefer_gmask: bool) -> int:
@@ -71,12 +73,28 @@ def positions_2d(length: int, ctx: int, mask_pos: int) -> torch.Tensor:
     return torch.stack([position, block])
 
 
-def positions_1d(length: int, ctx: int, mask_pos: int, use_gmask: bool) -> torch.Tensor:
-    """[1, length]: GLM-130B's positions; `[MASK]` freezes them from `<sop>` on, `[gMASK]` keeps counting."""
+def frozen_position_1d(ids: Sequence[int], special: SpecialIds) -> int | None:
+    """GLM-130B (`generate.py`): a `[MASK]` in the context (before the last `<sop>`) wins over `[gMASK]`,
+    and every position from `<sop>` on is the first `[MASK]`'s; None: positions count on (`[gMASK]`)."""
+    ids = list(ids)
+    ctx = context_length(ids, special, last=True)
+    return ids.index(special.mask) if special.mask in ids[:ctx] else None
+
+
+def positions_1d(length: int, ctx: int, frozen_at: int | None) -> torch.Tensor:
+    """[1, length]: GLM-130B's positions, 0, 1, 2, ... with those from `<sop>` on set to `frozen_at` if given."""
     position = torch.arange(length)
-    if not use_gmask:
-        position[ctx:] = mask_pos
+    if frozen_at is not None:
+        position[ctx:] = frozen_at
     return position.unsqueeze(0)
+
+
+def position_step(ids: Sequence[int], special: SpecialIds, two_d: bool) -> list[int]:
+    """How each position plane moves per generated token: 2D counts the block position; 1D counts the
+    position unless a `[MASK]` froze it."""
+    if two_d:
+        return [0, 1]
+    return [0 if frozen_position_1d(ids, special) is not None else 1]
 
 
 def blocked_mask(length: int, ctx: int) -> torch.Tensor:
@@ -89,13 +107,16 @@ def blocked_mask(length: int, ctx: int) -> torch.Tensor:
 def sequence_layout(
     ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool, two_d: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids [P, L], blocked [L, L]) for one unpadded sequence."""
-    ctx = context_length(ids, special)
-    mask_pos = mask_position(ids, special, prefer_gmask)
+    """(position_ids [P, L], blocked [L, L]) for one unpadded sequence.
+
+    1D (GLM-130B) follows its `generate.py` whatever `prefer_gmask` says: the context runs up to the
+    last `<sop>`, and `[MASK]` wins over `[gMASK]`."""
     if two_d:
-        positions = positions_2d(len(ids), ctx, mask_pos)
+        ctx = context_length(ids, special)
+        positions = positions_2d(len(ids), ctx, mask_position(ids, special, prefer_gmask))
     else:
-        positions = positions_1d(len(ids), ctx, mask_pos, use_gmask=special.gmask in ids)
+        ctx = context_length(ids, special, last=True)
+        positions = positions_1d(len(ids), ctx, frozen_position_1d(ids, special))
     return positions, blocked_mask(len(ids), ctx)
 
 

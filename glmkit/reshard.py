@@ -26,9 +26,9 @@ from glmkit.checkpoint import (
     TOKENIZER_FILES,
     TP_SIZE_KEY,
     CheckpointError,
-    _remove_old_weights,
     local_tensors,
     read_config,
+    remove_old_weights,
     stored_tp_size,
     tp_file,
 )
@@ -47,7 +47,7 @@ def reshard(src: str | Path, dst: str | Path, tp: int) -> list[Path]:
         raise CheckpointError(f"--tp must be at least 1, not {tp}")
     check_shardable(config, tp)
     dst.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(dst)
+    remove_old_weights(dst)
     names = [tp_file(r, tp) for r in range(tp)] if tp > 1 else [SAFE_SINGLE]
     for rank, name in enumerate(names):
         state = {k: v.contiguous() for k, v in local_tensors(src, config, rank, tp, for_compute=False)}

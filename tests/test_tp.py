@@ -28,6 +28,7 @@ from glmkit.generation import generate
 from glmkit.quantize import quantize_model
 from glmkit.tp import TPError
 
+from test_glm130b import glm130b_state, write_sat
 from tiny import random_model, tiny_config, tiny_glm130b_config, write_chat_model, write_official_bin
 from tp_worker import PROMPTS
 
@@ -37,11 +38,12 @@ CASES_TP2 = {
     "chatglm-fp32": "chatglm", "glm130b-fp32": "glm130b", "chatglm-official-bin-tied": "official-bin",
     "chatglm-int8-on-load": "chatglm:8", "glm130b-int4-on-load-per-row": "glm130b:4:0",
     "glm130b-int4-stored-group32": "glm130b-int4", "chatglm-int8-stored": "chatglm-int8",
-    "chatglm-resharded-tp2": "chatglm-tp2",
+    "chatglm-resharded-tp2": "chatglm-tp2", "glm130b-sat-mp4": "sat-mp4",
 }
 CASES_TP4 = {
     "chatglm-fp32": "chatglm", "glm130b-fp32": "glm130b", "chatglm-int8-on-load": "chatglm:8",
     "glm130b-int4-on-load-per-row": "glm130b:4:0", "chatglm-resharded-tp2": "chatglm-tp2",
+    "glm130b-sat-mp4": "sat-mp4",
 }
 
 
@@ -67,6 +69,9 @@ def models(tmp_path_factory) -> Path:
         out / "chatglm-int8")
     quantize_model(random_model(glm130b.config, seed=2), 4, 32).save_pretrained(out / "glm130b-int4", dtype="float32")
     assert cli_main(["reshard", str(out / "chatglm"), str(out / "chatglm-tp2"), "--tp", "2"]) == 0
+    sat_config = tiny_glm130b_config()  # official SAT shards at MP 4, with a config.json beside `latest`
+    write_sat(glm130b_state(sat_config), sat_config, out / "sat-mp4", 4)
+    sat_config.save(out / "sat-mp4")
     return out
 
 

@@ -66,7 +66,7 @@ class Engine:
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
-        eos = request.params.eos_token_ids or (self.model.config.eos_token_id,)
+        eos = request.params.eos_token_ids or self.model.config.stop_token_ids
         if token in eos:
             return "stop"
         if len(request.output_ids) >= request.budget:

@@ -10,7 +10,7 @@ import torch
 
 from glmkit.generation import SamplingParams, make_generator, process_logits, sample
 from glmkit.model import GLM
-from glmkit.positions import sequence_layout
+from glmkit.positions import position_step, sequence_layout
 
 
 class ModelRunner:
@@ -22,6 +22,7 @@ class ModelRunner:
         planes = 2 if model.config.position_encoding_2d else 1
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)  # tokens in each slot's cache
         self.last_positions = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)
+        self.steps = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)  # position_step per slot
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
         self.generators: list[torch.Generator | None] = [None] * max_batch
 
@@ -29,14 +30,15 @@ class ModelRunner:
     def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
         """Encode a prompt into `slot` and return its first new token."""
         model = self.model
-        positions, blocked = sequence_layout(prompt_ids, model.special_ids, prefer_gmask=False,
-                                             two_d=model.config.position_encoding_2d)
+        two_d = model.config.position_encoding_2d
+        positions, blocked = sequence_layout(prompt_ids, model.special_ids, prefer_gmask=False, two_d=two_d)
         ids = torch.tensor([prompt_ids], device=model.device)
         with model.kv_cache_rows(slot):
             out = model(ids, positions[None].to(model.device), blocked[None, None].to(model.device),
                         cache_position=0, last_only=True)
         self.lengths[slot] = len(prompt_ids)
         self.last_positions[slot] = positions[:, -1:].to(model.device)
+        self.steps[slot] = torch.tensor(position_step(prompt_ids, model.special_ids, two_d))[:, None]
         self.seen[slot] = False
         self.seen[slot, ids[0]] = True
         self.generators[slot] = make_generator(params.seed, model.device)
@@ -47,9 +49,7 @@ class ModelRunner:
         """Feed each of slots 0..n-1 its latest token; return each slot's next token."""
         n = len(tokens)
         model = self.model
-        step = torch.zeros_like(self.last_positions[:n])
-        step[:, -1] = 1  # the block position counts on (2D), or the position itself (1D)
-        positions = self.last_positions[:n] + step
+        positions = self.last_positions[:n] + self.steps[:n]
         lengths = self.lengths[:n]
         span = int(lengths.max()) + 1
         blocked = torch.arange(span, device=model.device)[None, :] > lengths[:, None]  # [n, span]
@@ -68,6 +68,6 @@ class ModelRunner:
     def move(self, src: int, dst: int) -> None:
         """Move a request's whole state from slot src to slot dst (the scheduler compacts the batch)."""
         self.model.move_kv_cache_row(src, dst)
-        for tensor in (self.lengths, self.last_positions, self.seen):
+        for tensor in (self.lengths, self.last_positions, self.steps, self.seen):
             tensor[dst] = tensor[src]
         self.generators[dst] = self.generators[src]
