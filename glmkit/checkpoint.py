@@ -291,8 +291,8 @@ def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
     if stored >= world:
         per = stored // world
         maps = [dict(_mapped(files)) for files in sources[rank * per:(rank + 1) * per]]
-        for name in maps[0]:
-            merged = tp_lib.merge_local(name, [m[name] for m in maps], config)
+        for name in list(maps[0]):
+            merged = tp_lib.merge_local(name, [m.pop(name) for m in maps], config)
             yield name, tp_lib.split_local(name, merged, rank if for_compute else 0, 0, 1, config).clone()
         return
     per = world // stored
@@ -324,23 +324,30 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             from glmkit import sat
 
             yield from ((n, t) for n, t in sat._load_rank(path).items() if not sat._ignored(n))
-            continue
-        if path.suffix != ".safetensors":
+        elif path.suffix != ".safetensors":
             yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
-            continue
-        with path.open("rb") as f:
-            memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable, so no torch warning
-        if hasattr(memory, "madvise"):  # no read-ahead: it would pull in the other ranks' slices too
-            memory.madvise(mmap.MADV_RANDOM)
-        start = 8 + int.from_bytes(memory[:8], "little")
-        for name, meta in _header(path).items():
-            dtype = SAFE_DTYPES.get(meta["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: {name} has dtype {meta['dtype']}, which glmkit does not load")
-            begin, end = meta["data_offsets"]
-            flat = torch.frombuffer(memory, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin) \
-                if end > begin else torch.empty(0, dtype=dtype)
-            yield name, flat.view(meta["shape"])
+        else:
+            start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+            with path.open("rb") as f:
+                for name, meta in _header(path).items():
+                    yield name, _map_tensor(f, path, name, meta, start)
+
+
+def _map_tensor(f, path: Path, name: str, meta: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file in a mapping of its own: the pages a rank touched while copying
+    its slice leave its memory with the tensor, instead of adding up over the whole file."""
+    dtype = SAFE_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: {name} has dtype {meta['dtype']}, which glmkit does not load")
+    begin, end = (data_start + offset for offset in meta["data_offsets"])
+    if end == begin:
+        return torch.empty(meta["shape"], dtype=dtype)
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    memory = mmap.mmap(f.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)  # private: writable
+    if hasattr(memory, "madvise"):  # no read-ahead: it would pull in the other ranks' slices too
+        memory.madvise(mmap.MADV_RANDOM)
+    flat = torch.frombuffer(memory, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
+    return flat.view(meta["shape"])
 
 
 def parse_size(size: int | str) -> int:
