@@ -8,6 +8,7 @@ the same checkpoint loaded without --tp here.
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import os
 import signal
@@ -51,9 +52,9 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +256,17 @@ def test_tp_server_answers_as_tp1_and_a_dead_rank_stops_it(chat_model):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.slow
+def test_chat_under_torchrun_follows_rank0_input_and_prints_once(chat_model, monkeypatch, capsys):
+    """Rank 0 reads the turns (the others never touch stdin) and alone prints; sampled answers equal TP=1's."""
+    turns = "hello world\nclear\ngood morning\n"
+    options = ["chat", "--model", str(chat_model), "--seed", "5", "--max-length", "40"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(turns))
+    assert cli_main(options) == 0
+    want = capsys.readouterr().out
+    done = torchrun(2, "-m", "glmkit", *options, "--tp", "2", stdin=turns)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == want
+    assert want.count("GLM: ") == 2 and "(conversation cleared)" in want
