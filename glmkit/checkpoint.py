@@ -391,6 +391,7 @@ def write_weights(directory: Path, plan: list[list[str]], tensor: Callable[[str]
         else:
             torch.save(shard, directory / name)
         del shard
+        release_freed_memory()
     if len(plan) > 1:
         index = {
             "metadata": {"total_size": total},

@@ -201,7 +201,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     c = facts["config"]
     print(f"model        {facts['path']}")
     print(f"architecture GLM ({'2D' if c['position_encoding_2d'] else '1D'} rotary), {c['num_layers']} layers, "
-          f"hidden {c['hidden_size']}, {c['num_attention_heads']} heads, MLP {c['inner_hidden_size']}")
+          f"hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
+          f"{'GeGLU ' if c.get('mlp_type') == 'geglu' else ''}MLP {c['inner_hidden_size']}")
     print(f"vocabulary   {c['vocab_size']} ids; context {c['max_sequence_length']} tokens")
     print(f"parameters   {facts['parameters']:,} ({facts['parameters'] / 1e9:.2f} B)")
     print(f"dtype        {', '.join(facts['dtype_on_disk'])} on disk (config: {c['torch_dtype']})")

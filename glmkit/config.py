@@ -184,7 +184,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets whose DeepNorm alpha follows the depth, so a shallower variant (tests, ablations) gets its own.
+ALPHA_FOLLOWS_DEPTH = ("glm-130b",)
+
+
 def preset(name: str, **overrides: Any) -> GLMConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return GLMConfig(**{**PRESETS[name], **overrides})
+    values = {**PRESETS[name], **overrides}
+    if name in ALPHA_FOLLOWS_DEPTH and "residual_alpha" not in overrides:
+        values["residual_alpha"] = math.sqrt(2 * values["num_layers"])
+    return GLMConfig(**values)

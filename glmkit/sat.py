@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from glmkit.checkpoint import DTYPES, CheckpointError, parse_size, plan_shards, remove_old_weights, write_weights
 from glmkit.config import GLMConfig, glm130b_architecture
 from glmkit.model import GLM
+from glmkit.tokenizer import VOCAB_FILE, ChatGLMTokenizer
 from glmkit.tp_layout import merge_tensors, shard_dim
 
 SHARD_GLOB = "mp_rank_*_model_states.pt"
@@ -156,14 +157,16 @@ def merged_shape(name: str, parts: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> SatCheckpointError:
+def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...], world: int) -> SatCheckpointError:
     dims = next((v for k, v in DIMENSIONS.items() if name.endswith(k)), (("--hidden-size", 1),) * len(expected))
     if len(actual) == len(expected):
-        for (argument, times), got, want in zip(dims, actual, expected, strict=True):
+        for dim, ((argument, times), got, want) in enumerate(zip(dims, actual, expected, strict=True)):
             if got != want:
+                # Only the count of rank files tells the world size, so a lost last rank looks like a small model.
+                ranks = f" (or rank files are missing: {world} found)" if dim == shard_dim(name) else ""
                 return SatCheckpointError(
                     f"{name} is {actual} in the checkpoint but the arguments give {expected}: {argument} is "
-                    f"{want // times}, the checkpoint says {got // times}; fix {argument}"
+                    f"{want // times}, the checkpoint says {got // times}; fix {argument}{ranks}"
                 )
     return SatCheckpointError(f"{name} is {actual} in the checkpoint but the arguments give {expected}")
 
@@ -190,7 +193,7 @@ def check_against(checkpoint: SatCheckpoint, config: GLMConfig, expected: dict[s
             raise SatCheckpointError(f"{name} is missing from rank(s) {absent}; the rank files do not belong together")
         actual = merged_shape(name, checkpoint.parts(name))
         if actual != tuple(expected[name]):
-            raise _shape_error(name, actual, tuple(expected[name]))
+            raise _shape_error(name, actual, tuple(expected[name]), checkpoint.world_size)
     missing = sorted(set(expected) - set(names))
     if missing:
         raise SatCheckpointError(f"the checkpoint lacks {', '.join(missing[:5])}"
@@ -230,5 +233,19 @@ def convert_sat(src: str | Path, dst: str | Path, config: GLMConfig, *, dtype: s
     bar.close()
     config.save(out)
     if tokenizer is not None:
-        shutil.copyfile(Path(tokenizer).expanduser(), out / "ice_text.model")
+        shutil.copyfile(Path(tokenizer).expanduser(), out / VOCAB_FILE)
+        check_tokenizer(out, config)
     return out
+
+
+def check_tokenizer(directory: Path, config: GLMConfig) -> None:
+    """The copied ice_text.model must give the model's special ids (icetk puts 20000 image ids in front)."""
+    tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+    pairs = {"<sop>": (tokenizer.bos_token_id, config.bos_token_id), "<eop>": (tokenizer.eos_token_id, config.eos_token_id),
+             "[MASK]": (tokenizer.mask_token_id, config.mask_token_id),
+             "[gMASK]": (tokenizer.gmask_token_id, config.gmask_token_id)}
+    wrong = [f"{piece} is {got} there but {want} in the model" for piece, (got, want) in pairs.items() if got != want]
+    if wrong or tokenizer.vocab_size > config.vocab_size:
+        (directory / VOCAB_FILE).unlink()
+        raise SatCheckpointError(f"the tokenizer does not belong to this model ({'; '.join(wrong) or 'too many ids'}); "
+                                 "use icetk's text tokenizer (the first ChatGLM-6B release's ice_text.model)")

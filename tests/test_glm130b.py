@@ -8,13 +8,16 @@ forward pass is written from SwissArmyTransformer's glm130B_model.py, independen
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glmkit import GLMForCausalLM
+from glmkit import GLMForCausalLM, load
 from glmkit.cli import main
 from glmkit.config import GLMConfig, preset
 from glmkit.model import MLP, RotaryEmbedding
@@ -24,6 +27,7 @@ from glmkit.sat import SatCheckpointError, convert_sat
 from tiny import EOP, EOS, GMASK, MASK, SOP, random_model, tiny_config, tiny_glm130b_config
 
 SPECIAL = SpecialIds(bos=SOP, mask=MASK, gmask=GMASK, pad=0)
+MiB = 2**20
 
 
 def erf_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,7 @@ def test_glm130b_preset_is_the_released_model():
     assert (c.mask_token_id, c.gmask_token_id, c.smask_token_id) == (150000, 150001, 150002)
     assert (c.bos_token_id, c.eos_token_id, c.text_eos_token_id, c.pad_token_id) == (150004, 150005, 20002, 0)
     assert c.stop_token_ids == (150005, 20002)
+    assert preset("glm-130b", num_layers=2, hidden_size=64, num_attention_heads=4).residual_alpha == 2.0
 
 
 def test_config_round_trips_and_chatglm_configs_gain_no_keys(tmp_path):
@@ -301,6 +306,42 @@ def test_generation_stops_at_the_text_eos_as_at_eop(sat):
     assert model.generate(torch.tensor([prompt]), max_new_tokens=4).tolist() == [prompt + [first]]
 
 
+MEASURE = """
+import json, sys
+from glmkit.sat import convert_sat, expected_shapes
+from tiny import tiny_glm130b_config
+
+def high_water_mark():  # VmHWM belongs to this exec'd process; ru_maxrss would include the parent's
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+config = tiny_glm130b_config(**json.loads(sys.argv[3]))
+expected_shapes(tiny_glm130b_config())  # torch's meta-device machinery loads ~70 MB of code once: not the model's
+base = high_water_mark()
+convert_sat(sys.argv[1], sys.argv[2], config, max_shard_size="16MB", progress=False)
+print(json.dumps({"base": base, "peak": high_water_mark()}))
+"""
+
+
+@pytest.mark.slow
+def test_conversion_streams_holding_about_one_model_never_two(tmp_path):
+    sizes = dict(vocab_size=8000, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2736, num_layers=7)
+    config = tiny_glm130b_config(**sizes)
+    state = glm130b_state(config)
+    model_bytes = sum(t.numel() * 2 for t in state.values())  # ~190 MB of fp16, no tensor over 16 MB
+    write_sat(state, config, tmp_path / "src", world=2)
+    del state
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "src"), str(tmp_path / "out"),
+                          json.dumps(sizes)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    m = json.loads(out.stdout)
+    grown = m["peak"] - m["base"]
+    # The memory-mapped rank files count once (file pages), plus the 16 MB shard being merged and the same
+    # shard mapped for writing; merging the model in memory on top of reading the ranks would double it.
+    assert grown < 1.25 * model_bytes, f"conversion grew RSS by {grown / MiB:.0f} MiB for {model_bytes / MiB:.0f} MiB"
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 4
+
+
 # ----- bad input
 
 
@@ -318,7 +359,10 @@ def test_missing_latest_or_iteration_or_rank_is_reported(sat_copy, tmp_path):
     with pytest.raises(SatCheckpointError, match="names iteration '50000'"):
         convert_sat(src, tmp_path / "out", config, progress=False)
     (src / "latest").write_text("49300")
-    (src / "49300" / "mp_rank_00_model_states.pt").unlink()
+    (src / "49300" / "mp_rank_01_model_states.pt").unlink()  # the last rank: nothing counts the ranks
+    with pytest.raises(SatCheckpointError, match=r"or rank files are missing: 1 found"):
+        convert_sat(src, tmp_path / "out", config, progress=False)
+    (src / "49300" / "mp_rank_00_model_states.pt").rename(src / "49300" / "mp_rank_01_model_states.pt")
     with pytest.raises(SatCheckpointError, match="lacks mp_rank_00_model_states.pt"):
         convert_sat(src, tmp_path / "out", config, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -369,7 +413,25 @@ def test_cli_converts_with_the_official_arguments(tmp_path, capsys):
         logits = model(torch.tensor([[20100, 20200, 150001, 150004]])).logits
     assert logits.shape == (1, 4, 150528) and torch.isfinite(logits).all()
     assert main(["info", str(tmp_path / "out")]) == 0
-    assert "1D rotary" in capsys.readouterr().out
+    assert "1D rotary" in (out := capsys.readouterr().out) and "GeGLU MLP 32" in out
+
+
+def test_tokenizer_travels_with_the_model_and_must_give_its_ids(tmp_path, tokenizer_dir, tokenizer):
+    """icetk layout: the text tokenizer's ids shifted past 20000 image ids."""
+    ids = dict(mask_token_id=tokenizer.mask_token_id + 20000, gmask_token_id=tokenizer.gmask_token_id + 20000,
+               bos_token_id=tokenizer.bos_token_id + 20000, eos_token_id=tokenizer.eos_token_id + 20000,
+               smask_token_id=None, text_eos_token_id=None)
+    config = tiny_glm130b_config(vocab_size=21248, num_layers=1, **ids)
+    write_sat(glm130b_state(config), config, tmp_path / "src", world=2)
+    out = convert_sat(tmp_path / "src", tmp_path / "out", config, tokenizer=tokenizer_dir / "ice_text.model",
+                      progress=False)
+    _, loaded = load(out)  # load() also checks that the tokenizer's ids fit the model
+    assert loaded.num_image_tokens == 20000
+    assert loaded.encode("hello")[-2:] == [config.gmask_token_id, config.bos_token_id]
+    wrong = tiny_glm130b_config(vocab_size=21248, num_layers=1, **{**ids, "bos_token_id": ids["bos_token_id"] + 1})
+    with pytest.raises(SatCheckpointError, match="does not belong to this model"):
+        convert_sat(tmp_path / "src", tmp_path / "out2", wrong, tokenizer=tokenizer_dir / "ice_text.model",
+                    progress=False)
 
 
 def test_cli_asks_for_the_sizes_a_sat_checkpoint_lacks(tmp_path, capsys):
