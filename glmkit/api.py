@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from glmkit import chat as chat_lib
+from glmkit import tp as tp_lib
 from glmkit.adapters import load_adapter
 from glmkit.checkpoint import load_model, save_model
 from glmkit.generation import SamplingParams, generate, stream_tokens
@@ -42,16 +43,22 @@ class GLMForCausalLM(GLM):
     def from_pretrained(
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         progress: bool = True, quantize: int | None = None, group_size: int | None = None,
-        adapter: str | Path | None = None,
+        adapter: str | Path | None = None, tp: int = 1, tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
     ) -> GLMForCausalLM:
         """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
 
         quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
         per scale, 128 by default); a checkpoint saved quantized loads quantized without it.
         adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
-        scripts) applied on top, after quantizing."""
-        model = load_model(path, dtype=dtype, device=device, progress=progress, model_class=cls, quantize=quantize,
-                           group_size=group_size)
+        scripts) applied on top, after quantizing.
+        tp=N: this process is one of N torchrun ranks (every rank calls this alike); it joins the job
+        (collectives time out after `tp_timeout` seconds) and holds only its shard of the model."""
+        if tp > 1:
+            if adapter is not None:
+                raise tp_lib.TPError("adapters are not sharded: fold it in first (glmkit merge), then load with --tp")
+            device = tp_lib.init(tp, device, tp_timeout)
+        model = load_model(path, dtype=dtype, device=device, progress=progress and tp_lib.rank() == 0,
+                           model_class=cls, quantize=quantize, group_size=group_size, tp=tp)
         if adapter is not None:
             load_adapter(model, adapter)
         return model
@@ -91,12 +98,13 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-    progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None,
+    progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
+    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
 ) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
-                                           adapter=adapter)
+                                           adapter=adapter, tp=tp, tp_timeout=tp_timeout)
     tokenizer = ChatGLMTokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

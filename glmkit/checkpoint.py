@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from glmkit import tp as tp_lib
 from glmkit.config import GLMConfig
 from glmkit.model import GLM
 from glmkit.quantize import (
@@ -44,6 +46,9 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 # Buffers the official checkpoint stores that glmkit recomputes.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
+               "I64": torch.int64, "I32": torch.int32}
+TP_SIZE_KEY = "tensor_parallel_size"  # config.json key of a checkpoint saved as per-rank files
 
 
 class CheckpointError(ValueError):
@@ -91,6 +96,9 @@ def weight_files(directory: Path) -> list[Path]:
     for single in (SAFE_SINGLE, BIN_SINGLE):
         if (directory / single).exists():
             return [directory / single]
+    per_rank = sorted(directory.glob("model-tp*-of-*.safetensors"))  # glmkit reshard's layout
+    if per_rank:
+        return per_rank
     raise CheckpointError(
         f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
     )
@@ -120,36 +128,43 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
-                 quantize: tuple[int, int] | None = None) -> None:
+                 quantize: tuple[int, int] | None = None, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 reduce_absmax: Callable | None = None) -> None:
     """Fill a meta-device model from the directory's shards, one shard at a time.
 
     With `quantize=(bits, group)`, each block linear is quantized as soon as its weight and bias are
-    in, so peak memory stays near the quantized model's size, not the full-precision one's."""
+    in, so peak memory stays near the quantized model's size, not the full-precision one's. `tensors`
+    replaces reading every file (tensor parallelism passes the rank's slices); `reduce_absmax(module,
+    group)` may give a function that completes a per-row absmax held in parts across ranks."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight", None)
     seen: set[str] = set()
-    files = weight_files(directory)
-    for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
-        for name, tensor in read_shard(path):
-            if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-                continue
-            if name not in expected:
-                raise CheckpointError(
-                    f"{path.name} holds {name!r}, which this model does not have; config.json does not match "
-                    "the weights (or the checkpoint is of another architecture)"
-                )
-            _assign(model, name, tensor, expected[name], dtype, device)
-            seen.add(name)
-            if quantize:
-                _quantize_if_complete(model, name.rpartition(".")[0], *quantize)
+    for name, tensor in read_all(directory, progress) if tensors is None else tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{directory} holds {name!r}, which this model does not have; config.json does not match "
+                "the weights (or the checkpoint is of another architecture)"
+            )
+        _assign(model, name, tensor, expected[name], dtype, device)
+        seen.add(name)
+        if quantize:
+            _quantize_if_complete(model, name.rpartition(".")[0], *quantize, reduce_absmax)
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory} lacks weights for {shown}; the checkpoint is incomplete")
     if tied:
         model.lm_head.weight = model.transformer.word_embeddings.weight
+
+
+def read_all(directory: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    files = weight_files(directory)
+    for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
+        yield from read_shard(path)
 
 
 def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, dtype, device) -> None:
@@ -189,12 +204,15 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int) -> None:
+def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
+                          reduce_absmax: Callable | None = None) -> None:
     parent_name, _, attr = module_name.rpartition(".")
     module = model.get_submodule(module_name)
     complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
     if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
-        layer = QuantizedLinear.from_linear(module, bits, group_for(module.in_features, group))
+        group = group_for(module.in_features, group)
+        reduce = reduce_absmax(module_name, group) if reduce_absmax else None
+        layer = QuantizedLinear.from_linear(module, bits, group, reduce)
         setattr(model.get_submodule(parent_name), attr, layer)
         del module
         release_freed_memory()
@@ -208,8 +226,12 @@ def load_model(
     model_class: type[GLM] = GLM,
     quantize: int | None = None,
     group_size: int | None = None,
+    tp: int = 1,
 ) -> GLM:
-    """A model from a directory in the official layout; `quantize=4|8` quantizes while loading."""
+    """A model from a directory in the official layout; `quantize=4|8` quantizes while loading.
+
+    tp > 1: this process is one of `tp` ranks (tp.init has run); it builds its shard on the meta device
+    and reads only its slices of the checkpoint, whatever tensor-parallel size it was saved at."""
     directory = Path(path).expanduser()
     config = read_config(directory)
     device = torch.device(device)
@@ -220,17 +242,112 @@ def load_model(
                               f"{quantize}-bit (quantize the full-precision checkpoint instead)")
     with torch.device("meta"):
         model = model_class(config)
+    rank = tp_lib.rank() if tp > 1 else 0
+    if tp > 1:
+        if config.pre_seq_len:
+            raise tp_lib.TPError("P-Tuning v2 prefixes are not sharded; merge or drop the prefix to use --tp")
+        tp_lib.apply_tp(model, rank, tp)
     if stored_bits:
         quantized_layout(model, stored_bits, config.quantization_group_size, dtype)
     on_load = None
     if quantize and not stored_bits:
         group = default_group(quantize) if group_size is None else group_size
         on_load = (quantize, group)
-    load_weights(model, directory, dtype, device, progress, quantize=on_load)
+    if tp > 1:
+        tp_lib.check_quantized_groups(model, *(on_load or (stored_bits, config.quantization_group_size)), tp)
+    plain = stored_tp_size(config) == 1 and not (directory / "latest").is_file()
+    tensors = None if tp == 1 and plain else local_tensors(directory, config, rank, tp)
+    load_weights(model, directory, dtype, device, progress, quantize=on_load, tensors=tensors,
+                 reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None)
     if on_load:
         record_quantization(model, *on_load)
     model.name_or_path = str(directory)
     return model.eval()
+
+
+def stored_tp_size(config: GLMConfig) -> int:
+    """How many per-rank files the checkpoint is split into (`glmkit reshard`); 1 for the usual layout."""
+    return int(config.extra.get(TP_SIZE_KEY, 1))
+
+
+def tp_file(rank: int, size: int) -> str:
+    return f"model-tp{rank:02d}-of-{size:02d}.safetensors"
+
+
+def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
+                  for_compute: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank `rank` of `world`'s slice of every tensor, from a checkpoint saved over S per-rank files.
+
+    Files are memory-mapped and sliced before anything is copied, so a rank reads only its part. With
+    S a multiple of the world size a rank merges its S / world files; with the world size a multiple of
+    S it splits its one file further; an unsharded checkpoint is S = 1, an official SwissArmyTransformer
+    one (`latest`, mp_rank_XX files, next to a config.json) S = its model-parallel size. `for_compute`: row-parallel
+    biases are zeros on ranks > 0 (the all-reduce adds rank 0's); on disk every rank keeps them."""
+    sources = _rank_sources(directory, stored_tp_size(config))
+    stored = len(sources)
+    if stored % world and world % stored:
+        raise CheckpointError(f"{directory} is sharded for {stored} tensor-parallel ranks, which cannot be loaded at "
+                              f"--tp {world}; run: glmkit reshard {directory} NEW_DIR --tp {world}")
+    if stored >= world:
+        per = stored // world
+        maps = [dict(_mapped(files)) for files in sources[rank * per:(rank + 1) * per]]
+        for name in list(maps[0]):
+            merged = tp_lib.merge_local(name, [m.pop(name) for m in maps], config)
+            yield name, tp_lib.split_local(name, merged, rank if for_compute else 0, 0, 1, config).clone()
+        return
+    per = world // stored
+    for name, tensor in _mapped(sources[rank // per]):
+        yield name, tp_lib.split_local(name, tensor, rank if for_compute else 0, rank % per, per, config).clone()
+
+
+def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
+    """The files of each stored rank: one per rank for a resharded or SAT checkpoint, all of them otherwise."""
+    if (directory / "latest").is_file():
+        from glmkit import sat  # imported here: sat builds on this module
+
+        return [[f] for f in sat.rank_files(sat.iteration_directory(directory))]
+    if stored == 1:
+        return [weight_files(directory)]
+    files = [directory / tp_file(r, stored) for r in range(stored)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)} (config.json says {TP_SIZE_KEY} {stored}); "
+                              "copy the missing per-rank files or reshard the original again")
+    return [[f] for f in files]
+
+
+def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's mmap).
+    Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
+    for path in files:
+        if path.suffix == ".pt":  # a SAT rank file
+            from glmkit import sat
+
+            yield from ((n, t) for n, t in sat._load_rank(path).items() if not sat._ignored(n))
+        elif path.suffix != ".safetensors":
+            yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
+        else:
+            start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+            with path.open("rb") as f:
+                for name, meta in _header(path).items():
+                    yield name, _map_tensor(f, path, name, meta, start)
+
+
+def _map_tensor(f, path: Path, name: str, meta: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file in a mapping of its own: the pages a rank touched while copying
+    its slice leave its memory with the tensor, instead of adding up over the whole file."""
+    dtype = SAFE_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: {name} has dtype {meta['dtype']}, which glmkit does not load")
+    begin, end = (data_start + offset for offset in meta["data_offsets"])
+    if end == begin:
+        return torch.empty(meta["shape"], dtype=dtype)
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    memory = mmap.mmap(f.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)  # private: writable
+    if hasattr(memory, "madvise"):  # no read-ahead: it would pull in the other ranks' slices too
+        memory.madvise(mmap.MADV_RANDOM)
+    flat = torch.frombuffer(memory, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
+    return flat.view(meta["shape"])
 
 
 def parse_size(size: int | str) -> int:
@@ -364,14 +481,18 @@ def _tensor_headers(path: Path) -> Iterator[tuple[str, tuple[int, ...], str]]:
         for name, tensor in read_shard(path):
             yield name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
         return
-    header_len = int.from_bytes(path.open("rb").read(8), "little")
+    header = _header(path)
+    for name, meta in header.items():
+        yield name, tuple(meta["shape"]), str(SAFE_DTYPES.get(meta["dtype"], meta["dtype"].lower())).removeprefix("torch.")
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's tensor table: name -> {dtype, shape, data_offsets}."""
     with path.open("rb") as f:
-        f.seek(8)
+        header_len = int.from_bytes(f.read(8), "little")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e}); re-download it") from e
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
-    for name, meta in header.items():
-        if name != "__metadata__":
-            yield name, tuple(meta["shape"]), names.get(meta["dtype"], meta["dtype"].lower())
+    header.pop("__metadata__", None)
+    return header

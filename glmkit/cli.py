@@ -11,6 +11,9 @@
     glmkit merge --adapter A --output D       fold an adapter into its base model
     glmkit eval-gen --data F [--adapter A]    BLEU-4 / ROUGE of greedy answers
     glmkit convert --from sat SRC DST         an official GLM-130B checkpoint to a model directory
+    glmkit reshard SRC DST --tp N             per-rank checkpoint files for tensor parallelism
+
+Model commands take --tp N under `torchrun --nproc-per-node N -m glmkit ...` (glmkit/tp.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from glmkit import tp as tp_lib
 from glmkit.api import GLMForCausalLM, NoDefaultModelError, load
 from glmkit.chat import CHAT_DEFAULTS
 from glmkit.checkpoint import CheckpointError, describe
@@ -49,12 +53,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", type=Path, default=None,
                         help="a LoRA or P-Tuning v2 adapter directory to apply (glmkit finetune's output, a PEFT "
                              "LoRA adapter, or an official ptuning checkpoint)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks: run under 'torchrun --nproc-per-node N' with --tp N; each rank "
+                             "loads only its shard (default: 1)")
+    parser.add_argument("--tp-timeout", type=float, default=300.0,
+                        help="seconds a tensor-parallel collective may wait for the other ranks before the job stops "
+                             "with an error (default: %(default)s)")
 
 
 def load_from_args(args: argparse.Namespace, progress: bool = True):
     """(model, tokenizer) as the model flags say."""
     return load(args.model, dtype=args.dtype, device=args.device, progress=progress, quantize=args.quantize,
-                adapter=args.adapter)
+                adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout)
+
+
+def from_rank0(value, tp: int):
+    """Under --tp, rank 0's value (user input) on every rank: the others follow rank 0's inputs."""
+    return tp_lib.broadcast_object(value if tp_lib.rank() == 0 else None) if tp > 1 else value
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
@@ -124,6 +139,18 @@ def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], op
         return latest
 
 
+def next_message() -> str | None:
+    """The user's next message; None when they leave (Ctrl-D), empty after Ctrl-C."""
+    try:
+        return read_query("You: ")
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        print()
+        return ""
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
@@ -131,15 +158,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
     history: list[tuple[str, str]] = []
     while True:
-        try:
-            query = read_query("You: ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        if query.strip() == "stop":
+        query = from_rank0(next_message() if tp_lib.rank() == 0 else None, args.tp)
+        if query is None or query.strip() == "stop":
             return 0
         if query.strip() == "clear":
             history = []
@@ -156,8 +176,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == ["-"] else " ".join(args.prompt)
     model, tokenizer = load_from_args(args, progress=False)
+    reads_stdin = args.prompt == ["-"] and tp_lib.rank() == 0
+    prompt = from_rank0(sys.stdin.read() if reads_stdin else " ".join(args.prompt), args.tp)
     from glmkit.chat import stream_text
     from glmkit.generation import SamplingParams
 
@@ -197,14 +218,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from glmkit.engine.parallel import follow, stop_followers
     from glmkit.serve.app import create_app, model_name_for
 
     model, tokenizer = load_from_args(args)
+    if tp_lib.rank() != 0:  # rank 0 serves and schedules; the others run its model steps
+        follow(model, args.max_batch)
+        return 0
     name = args.served_model_name or model_name_for(args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, cors_origins=args.cors_origin)
     print(f"glmkit: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if args.tp > 1:
+        stop_followers()
     return 0
 
 
@@ -213,6 +240,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = model.save_pretrained(args.dst, dtype=args.dtype)
     size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     print(f"glmkit: wrote a {args.bits}-bit model to {out} ({size / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from glmkit.reshard import reshard
+
+    files = reshard(args.src, args.dst, args.tp)
+    size = sum(f.stat().st_size for f in files)
+    how = f"--tp {args.tp} (torchrun --nproc-per-node {args.tp})" if args.tp > 1 else "without --tp"
+    print(f"glmkit: wrote {len(files)} weight file(s), {size / 2**20:.1f} MiB, to {args.dst}; load it {how}")
     return 0
 
 
@@ -303,6 +340,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         raise ValueError("finetune trains a new adapter on --model; to go on training one, rerun the command that "
                          "started it (it resumes from its output directory)")
+    if args.tp > 1:
+        raise ValueError("finetune runs in one process; --tp is for inference (generate, chat, serve, eval)")
     train_records = read_chat_records(args.data)
     eval_records = read_chat_records(args.eval) if args.eval else None
     model, tokenizer = load_from_args(args)
@@ -335,6 +374,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if args.adapter is None:
         raise ValueError("merge needs --adapter DIR (the adapter to fold into --model)")
+    if args.tp > 1:
+        raise ValueError("merge runs in one process; drop --tp (glmkit reshard splits the merged model afterwards)")
     model, tokenizer = load_from_args(args)
     merge_adapter(model)
     out = model.save_pretrained(args.output, dtype=args.save_dtype or model.config.torch_dtype)
@@ -587,6 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the scales, biases, norms and embeddings on disk (default: float16)")
     quant.set_defaults(func=cmd_quantize)
 
+    reshard = sub.add_parser("reshard", help="split a checkpoint into per-rank files for --tp N (or merge them back)",
+                             description="Write SRC as N files, model-tpRR-of-NN.safetensors, each holding what one "
+                                         "tensor-parallel rank keeps (heads, MLP columns, vocabulary rows), plus "
+                                         "config.json with tensor_parallel_size N; --tp 1 merges them back into "
+                                         "model.safetensors. SRC may be unsharded or already resharded.",
+                             epilog="examples:\n  glmkit reshard ~/models/glm-130b ~/models/glm-130b-tp4 --tp 4\n"
+                                    "  torchrun --nproc-per-node 4 -m glmkit chat --model ~/models/glm-130b-tp4 --tp 4",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    reshard.add_argument("src", type=Path, help="a model directory (unsharded or resharded)")
+    reshard.add_argument("dst", type=Path, help="where to write the resharded model")
+    reshard.add_argument("--tp", type=int, required=True, help="tensor-parallel size to write (1: unsharded)")
+    reshard.set_defaults(func=cmd_reshard)
+
     bench = sub.add_parser("bench", help="measure load, prefill and decode speed and peak memory on random weights",
                            description="Build a random-weight model of a real shape (layer by layer, quantized "
                                        "directly: a 6B model never exists in fp32) and time the generation code "
@@ -615,12 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tp", 1) > 1:
+        tp_lib.silence_other_ranks()
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
+    except (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError, tp_lib.TPError) as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 2

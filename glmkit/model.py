@@ -379,11 +379,12 @@ class GLM(nn.Module):
             )
 
     def setup_kv_cache(self, batch_size: int, max_length: int) -> None:
-        """Allocate every layer's cache once, so decoding never reallocates."""
+        """Allocate every layer's cache once, so decoding never reallocates (for the layer's own heads:
+        under tensor parallelism, the rank's share)."""
         c = self.config
         for layer in self.transformer.layers:
             layer.attention.kv_cache = KVCache(
-                batch_size, max_length, c.num_attention_heads, c.head_dim, self.dtype, self.device
+                batch_size, max_length, layer.attention.num_heads, c.head_dim, self.dtype, self.device
             )
 
     @contextmanager

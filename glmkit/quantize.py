@@ -15,7 +15,7 @@ which is correct everywhere and saves memory, not time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,11 @@ def max_level(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # 127 or 7: symmetric, as the official format
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale): q int8 in [-max, max] of the weight's shape; scale [out] (group 0) or [out, in/group]."""
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0,
+                    reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): q int8 in [-max, max] of the weight's shape; scale [out] (group 0) or [out, in/group].
+
+    `reduce_absmax` combines the absmax with the rest of the row held elsewhere (tensor parallelism)."""
     if bits not in BITS:
         raise ValueError(f"bits must be 4 or 8, not {bits}")
     out_features, in_features = weight.shape
@@ -44,7 +47,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0) -> tup
     if in_features % group:
         raise ValueError(f"quantization group size {group} does not divide the input size {in_features}")
     w = weight.detach().float().reshape(out_features, in_features // group, group)
-    scale = w.abs().amax(dim=-1) / max_level(bits)
+    absmax = w.abs().amax(dim=-1)  # [out, groups]
+    scale = (reduce_absmax(absmax) if reduce_absmax else absmax) / max_level(bits)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-max_level(bits), max_level(bits)).to(torch.int8)
     return q.reshape(out_features, in_features), scale if group_size else scale.squeeze(-1)
@@ -91,11 +95,12 @@ class QuantizedLinear(nn.Module):
         self._kernel: tuple | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 0) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 0,
+                    reduce_absmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> QuantizedLinear:
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
                     dtype=weight.dtype, device=weight.device)
-        q, scale = quantize_weight(weight, bits, group_size)
+        q, scale = quantize_weight(weight, bits, group_size, reduce_absmax)
         layer.weight = pack_int4(q) if bits == 4 else q
         layer.weight_scale = scale.to(weight.dtype)
         if linear.bias is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+from glmkit.engine.parallel import BroadcastRunner
 from glmkit.engine.request import Request, StepOutput
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
@@ -19,7 +20,9 @@ class Engine:
         self.model = model
         self.max_length = max_length or model.config.max_sequence_length
         self.scheduler = Scheduler(max_batch, max_queue)
-        self.runner = ModelRunner(model, max_batch, self.max_length)
+        # Under tensor parallelism (rank 0 only builds an Engine), every model call reaches all ranks.
+        runner = BroadcastRunner if getattr(model, "tp_world", 1) > 1 else ModelRunner
+        self.runner = runner(model, max_batch, self.max_length)
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
