@@ -15,6 +15,7 @@ import torch
 
 from glmkit import chat as chat_lib
 from glmkit.adapters import load_adapter
+from glmkit.beam import beam_generate
 from glmkit.checkpoint import load_model, save_model
 from glmkit.generation import SamplingParams, generate, stream_tokens
 from glmkit.model import GLM
@@ -65,12 +66,18 @@ class GLMForCausalLM(GLM):
         tokenizer's attention_mask / position_ids, so `model.generate(**tokenizer(texts, padding=True))` works."""
         kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)
-        return generate(self, input_ids, SamplingParams(**_eos_as_tuple(kwargs)))
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            return beam_generate(self, input_ids, params)
+        return generate(self, input_ids, params)
 
     def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
         """Like generate, but yields each step's new tokens [B] as they are produced."""
-        sequences = [row.tolist() for row in input_ids]
-        return stream_tokens(self, sequences, SamplingParams(**_eos_as_tuple(kwargs)))
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            raise ValueError("beam search only knows its answer at the end, so it cannot stream tokens; "
+                             "call generate(..., num_beams=N), or stream_chat, which yields the answer once")
+        return stream_tokens(self, [row.tolist() for row in input_ids], params)
 
     def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
         """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""

@@ -58,6 +58,7 @@ def load_from_args(args: argparse.Namespace, progress: bool = True):
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
     group = parser.add_argument_group("sampling")
+    parser.set_defaults(sample_by_default=sample_by_default)
     if sample_by_default:
         group.add_argument("--greedy", dest="do_sample", action="store_false", help="always pick the likeliest token")
     else:
@@ -69,11 +70,25 @@ def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) 
     group.add_argument("--max-length", type=int, default=CHAT_DEFAULTS["max_length"],
                        help="prompt plus answer, in tokens (default: %(default)s)")
     group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    group = parser.add_argument_group("beam search (deterministic; replaces sampling)")
+    group.add_argument("--num-beams", type=int, default=1, help="beams kept at each step (default 1: no search)")
+    group.add_argument("--length-penalty", type=float, default=1.0,
+                       help="GNMT exponent: score = log-prob / ((5 + length) / 6) ** this; > 0 favours longer answers")
+    group.add_argument("--early-stopping", action="store_true",
+                       help="stop once NUM_BEAMS answers have ended (default: only when none can still be beaten)")
+    group.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                       help="never repeat an n-gram of the answer (also applies without beams)")
+    group.add_argument("--min-new-tokens", type=int, default=0, help="no end token before this many tokens")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed)
+    # Chat samples by default; beams replace sampling, so they switch that default off (--sample with
+    # beams on `generate` still fails loudly).
+    do_sample = args.do_sample and not (args.num_beams > 1 and getattr(args, "sample_by_default", False))
+    return dict(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed,
+                num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
 
 
 def read_query(prompt: str) -> str:

@@ -106,6 +106,11 @@ class KVCache(nn.Module):
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
 
+    def select_rows(self, rows: torch.Tensor, length: int) -> None:
+        """Rows 0..len(rows) become copies of rows `rows` (first `length` slots): beams forking and dying."""
+        self.k[: len(rows), :, :length] = self.k[rows, :, :length]  # the right side is a copy, so overlap is safe
+        self.v[: len(rows), :, :length] = self.v[rows, :, :length]
+
     def _check_room(self, end: int) -> None:
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; writing up to {end} overflows it")
@@ -375,6 +380,10 @@ class GLM(nn.Module):
     def move_kv_cache_row(self, src: int, dst: int) -> None:
         for layer in self.transformer.layers:
             layer.attention.kv_cache.move_row(src, dst)
+
+    def select_kv_cache_rows(self, rows: torch.Tensor, length: int) -> None:
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache.select_rows(rows, length)
 
     def clear_kv_cache(self) -> None:
         for layer in self.transformer.layers:
