@@ -8,8 +8,10 @@ Semantics (Hugging Face's `num_beams`, with GLM-130B's GNMT penalty):
     budget is ranked by `raw / ((5 + length) / 6) ** length_penalty`, length = new tokens;
   * each step keeps the best `num_beams` continuations of all beams; end tokens among the
     `(1 + n_end) * num_beams` best candidates become finished beams;
-  * `early_stopping=True` stops once `num_beams` beams have finished; otherwise the search stops only
-    when no running beam can still beat the worst kept one (an exact bound, HF's "never");
+  * once `num_beams` beams have finished, `early_stopping=True` stops; False (the default, HF's and
+    GLM-130B's rule) stops when the best running beam, were it to end at the next step, would not beat
+    the worst finished one; "never" stops only when no running beam can beat it at any length it may
+    still reach (exact, but with a positive length penalty it usually runs to the length limit);
   * ties go to the lower (beam, token) index, so the result never depends on the kernel's topk order.
 
 The search itself (`search`) only asks for a `step(tokens, parents)` callable that feeds one token per
@@ -71,16 +73,18 @@ class Hypotheses:
         self.beams.insert(at, Beam(tokens, score, finished))
         del self.beams[self.size:]
 
-    def cannot_improve(self, best_running: float, length: int, budget: int, early_stopping: bool) -> bool:
-        """Whether no running beam (best raw score `best_running` at `length` tokens) can still get in."""
+    def done(self, best_running: float, length: int, budget: int, early_stopping: bool | str) -> bool:
+        """Whether to stop, the best running beam having raw score `best_running` at `length` tokens."""
         if not self.full:
             return False
-        if early_stopping:
+        if early_stopping is True:
             return True
-        # Log-probabilities only fall, so the best a running beam can reach is its score now under the
-        # most favourable penalty among the lengths it may still end at (the penalty is monotone).
-        best = max(best_running / gnmt_penalty(n, self.alpha) for n in (min(length + 1, budget), budget))
-        return self.beams[-1].score >= best
+        lengths = [min(length + 1, budget)]
+        if early_stopping == "never":
+            # Log-probabilities only fall, so the best a running beam can reach is its score now under the
+            # most favourable penalty among the lengths it may still end at (the penalty is monotone).
+            lengths.append(budget)
+        return self.beams[-1].score >= max(best_running / gnmt_penalty(n, self.alpha) for n in lengths)
 
 
 def top_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,7 +125,7 @@ def search(first_logits: torch.Tensor, step: StepFn, seen: torch.Tensor, params:
                 break
         sequences = [sequences[p] + [tok] for p, tok in zip(parents, tokens, strict=True)]
         sums = total[kept]
-        if not kept or hypotheses.cannot_improve(float(sums[0]), t + 1, budget, params.early_stopping):
+        if not kept or hypotheses.done(float(sums[0]), t + 1, budget, params.early_stopping):
             return hypotheses.beams
         if t == budget - 1:
             break

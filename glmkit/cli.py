@@ -75,8 +75,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) 
     group.add_argument("--num-beams", type=int, default=1, help="beams kept at each step (default 1: no search)")
     group.add_argument("--length-penalty", type=float, default=1.0,
                        help="GNMT exponent: score = log-prob / ((5 + length) / 6) ** this; > 0 favours longer answers")
-    group.add_argument("--early-stopping", action="store_true",
-                       help="stop once NUM_BEAMS answers have ended (default: only when none can still be beaten)")
+    group.add_argument("--early-stopping", nargs="?", const="true", default="false", choices=["true", "false", "never"],
+                       help="true (the bare flag): stop once NUM_BEAMS answers have ended; false (default): also stop "
+                            "when the best running beam, ended now, would lose; never: only when none can still win")
     group.add_argument("--no-repeat-ngram-size", type=int, default=0,
                        help="never repeat an n-gram of the answer (also applies without beams)")
     group.add_argument("--min-new-tokens", type=int, default=0, help="no end token before this many tokens")
@@ -86,9 +87,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     # Chat samples by default; beams replace sampling, so they switch that default off (--sample with
     # beams on `generate` still fails loudly).
     do_sample = args.do_sample and not (args.num_beams > 1 and getattr(args, "sample_by_default", False))
+    early_stopping = {"true": True, "false": False}.get(args.early_stopping, "never")
     return dict(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed,
-                num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early_stopping,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
 
 

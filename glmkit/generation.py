@@ -37,7 +37,9 @@ class SamplingParams:
     # Beam search (glmkit/beam.py); the last two also constrain greedy decoding and sampling, as in HF.
     num_beams: int = 1
     length_penalty: float = 1.0  # GNMT: a beam's score is its log-probability / ((5 + length) / 6) ** this
-    early_stopping: bool = False  # stop once num_beams beams have ended, even if a running one could still win
+    # True: stop once num_beams beams have ended; False: also stop when the best running beam, ended at
+    # the next step, would not beat them (HF's and GLM-130B's rule); "never": only when no running beam can.
+    early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0  # 0 = off; n: the answer never contains the same n tokens twice
     min_new_tokens: int = 0  # end tokens are banned before this many new tokens
 
@@ -62,6 +64,8 @@ class SamplingParams:
                 f"num_beams={self.num_beams} with do_sample=True: beam search here is deterministic; "
                 "pass do_sample=False to search with beams, or num_beams=1 to sample"
             )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
 

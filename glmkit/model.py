@@ -108,8 +108,8 @@ class KVCache(nn.Module):
 
     def select_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows 0..len(rows) become copies of rows `rows` (first `length` slots): beams forking and dying."""
-        self.k[: len(rows), :, :length] = self.k[rows, :, :length]  # the right side is a copy, so overlap is safe
-        self.v[: len(rows), :, :length] = self.v[rows, :, :length]
+        for buffer in (self.k, self.v):  # index_select copies first, so overlapping rows are safe
+            buffer[: len(rows), :, :length] = buffer[:, :, :length].index_select(0, rows)
 
     def _check_room(self, end: int) -> None:
         if end > self.k.shape[2]:
@@ -382,6 +382,8 @@ class GLM(nn.Module):
             layer.attention.kv_cache.move_row(src, dst)
 
     def select_kv_cache_rows(self, rows: torch.Tensor, length: int) -> None:
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return  # every beam extends itself: nothing moves
         for layer in self.transformer.layers:
             layer.attention.kv_cache.select_rows(rows, length)
 

@@ -111,34 +111,36 @@ def test_min_new_tokens_bans_the_end_token_before(small_vocab_model):
 
 def test_stopping_rules_by_hand():
     h = Hypotheses(size=1, alpha=0.0)
-    assert not h.cannot_improve(-5.0, 2, 10, early_stopping=False)  # nothing has finished yet
+    assert not h.done(-5.0, 2, 10, early_stopping=True)  # nothing has finished yet
     h.add([1, 2], -1.0, finished=True)
-    assert h.cannot_improve(-1.2, 2, 10, early_stopping=False)  # -1.2 only falls further
-    assert not h.cannot_improve(-0.9, 2, 10, early_stopping=False)
+    assert h.done(-1.2, 2, 10, early_stopping="never")  # -1.2 only falls further
+    assert not h.done(-0.9, 2, 10, early_stopping="never")
     h = Hypotheses(size=1, alpha=1.0)
     h.add([1, 2], -1.0, finished=True)  # score -1 / (7/6) = -0.857
-    # A running beam at -1.2 may still end at 10 tokens: -1.2 / (15/6) = -0.48 beats it, so go on...
-    assert not h.cannot_improve(-1.2, 2, 10, early_stopping=False)
-    assert h.cannot_improve(-1.2, 2, 10, early_stopping=True)  # ...unless stopping early
-    assert h.cannot_improve(-2.2, 2, 10, early_stopping=False)  # -2.2 / 2.5 = -0.88 cannot
+    # A running beam at -1.2 may still end at 10 tokens: -1.2 / (15/6) = -0.48 beats it, so "never" goes on;
+    # ended at the next step it would score -1.2 / (8/6) = -0.9, so False stops; True stops anyway.
+    assert not h.done(-1.2, 2, 10, early_stopping="never")
+    assert h.done(-1.2, 2, 10, early_stopping=False) and h.done(-1.2, 2, 10, early_stopping=True)
+    assert not h.done(-1.1, 2, 10, early_stopping=False)  # -1.1 / (8/6) = -0.825 would win
+    assert h.done(-2.2, 2, 10, early_stopping="never")  # -2.2 / 2.5 = -0.88 cannot
     h.add([3], -0.9, finished=True)  # -0.9 / 1 is worse than -0.857: not kept
     assert [b.tokens for b in h.beams] == [[1, 2]] and h.beams[0].score == pytest.approx(-1 / gnmt_penalty(2, 1.0))
 
 
-def test_early_stopping_stops_sooner(small_vocab_model):
+def test_early_stopping_modes_trade_steps_for_score(small_vocab_model):
     calls = []
     hook = small_vocab_model.register_forward_hook(lambda *_: calls.append(1))
     try:
         runs = {}
-        for early in (True, False):
+        for early in (True, False, "never"):
             calls.clear()
-            params = SamplingParams(num_beams=2, max_new_tokens=16, length_penalty=2.0, early_stopping=early)
+            params = SamplingParams(num_beams=2, max_new_tokens=30, length_penalty=2.0, early_stopping=early)
             runs[early] = (beam_search(small_vocab_model, [6, 7, GMASK12, SOP12], params), len(calls))
     finally:
         hook.remove()
-    (early_beams, early_calls), (exact_beams, exact_calls) = runs[True], runs[False]
-    assert all(b.finished for b in early_beams) and early_calls < exact_calls
-    assert exact_beams[0].score >= early_beams[0].score
+    assert all(b.finished for b in runs[True][0])
+    assert runs[True][1] <= runs[False][1] <= runs["never"][1] and runs[True][1] < runs["never"][1]
+    assert runs[True][0][0].score <= runs[False][0][0].score <= runs["never"][0][0].score
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -146,6 +148,7 @@ def test_early_stopping_stops_sooner(small_vocab_model):
     (dict(num_beams=2, do_sample=True), "do_sample=False"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
     (dict(min_new_tokens=5, max_new_tokens=2), "exceeds max_new_tokens"),
+    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be"),
 ])
 def test_invalid_beam_params(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -186,3 +189,17 @@ def test_chat_and_the_cli_with_beams(chat_model_dir):
     assert subprocess.run(cli, capture_output=True, text=True, timeout=120, check=True).stdout == expected + "\n"
     refused = subprocess.run([*cli, "--sample"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "do_sample=False" in refused.stderr
+
+
+def test_cli_beam_flags():
+    from glmkit.cli import build_parser, sampling_kwargs
+
+    def options(*argv):
+        return sampling_kwargs(build_parser().parse_args(list(argv)))
+
+    chat = options("chat", "--num-beams", "3", "--early-stopping", "--length-penalty", "0.5")
+    assert chat["do_sample"] is False and chat["num_beams"] == 3 and chat["early_stopping"] is True
+    assert chat["length_penalty"] == 0.5 and SamplingParams(**chat).num_beams == 3  # chat's sampling gives way
+    assert options("chat")["do_sample"] is True and options("chat")["early_stopping"] is False
+    gen = options("generate", "x", "--early-stopping", "never", "--min-new-tokens", "2", "--no-repeat-ngram-size", "3")
+    assert (gen["early_stopping"], gen["min_new_tokens"], gen["no_repeat_ngram_size"]) == ("never", 2, 3)
