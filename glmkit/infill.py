@@ -76,6 +76,13 @@ class Infill:
         self.seen[0, part_a] = True
         self.generator = make_generator(params.seed, model.device)
 
+    def context_positions(self) -> torch.Tensor:
+        """[1, P, n]: Part A counts 0..n-1 (block position 0 under 2D)."""
+        position = torch.arange(len(self.part_a), device=self.model.device)
+        if self.model.config.position_encoding_2d:
+            return torch.stack([position, torch.zeros_like(position)])[None]
+        return position[None, None]
+
     def positions(self, blank: int, first: int, count: int) -> torch.Tensor:
         """[1, P, count]: positions of tokens first..first+count-1 of the block for the blank at index `blank`."""
         j = torch.arange(first, first + count, device=self.model.device)
@@ -152,13 +159,6 @@ class Infill:
             span, pending = fill(self.start_block(blank, pending, previous), blank, budget)
             spans.append(span)
         return spans
-
-    def context_positions(self) -> torch.Tensor:
-        """[1, P, n]: Part A counts 0..n-1 (block position 0 under 2D)."""
-        position = torch.arange(len(self.part_a), device=self.model.device)
-        if self.model.config.position_encoding_2d:
-            return torch.stack([position, torch.zeros_like(position)])[None]
-        return position[None, None]
 
 
 def blank_indices(part_a: Sequence[int], ids: BlankIds) -> list[int]:
