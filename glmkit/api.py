@@ -1,7 +1,7 @@
 """The public face of glmkit: the names ChatGLM and Hugging Face users already know.
 
 `GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
-`generate`, `chat`, `stream_chat`, `save_pretrained`); each method delegates to the module that
+`generate`, `chat`, `stream_chat`, `infill`, `save_pretrained`); each method delegates to the module that
 owns the idea, so the model file stays a model file.
 """
 
@@ -16,8 +16,10 @@ import torch
 from glmkit import chat as chat_lib
 from glmkit import tp as tp_lib
 from glmkit.adapters import load_adapter
+from glmkit.beam import beam_generate
 from glmkit.checkpoint import load_model, save_model
 from glmkit.generation import SamplingParams, generate, stream_tokens
+from glmkit.infill import fill_text
 from glmkit.model import GLM
 from glmkit.tokenizer import ChatGLMTokenizer
 
@@ -72,12 +74,18 @@ class GLMForCausalLM(GLM):
         tokenizer's attention_mask / position_ids, so `model.generate(**tokenizer(texts, padding=True))` works."""
         kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)
-        return generate(self, input_ids, SamplingParams(**_eos_as_tuple(kwargs)))
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            return beam_generate(self, input_ids, params)
+        return generate(self, input_ids, params)
 
     def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
         """Like generate, but yields each step's new tokens [B] as they are produced."""
-        sequences = [row.tolist() for row in input_ids]
-        return stream_tokens(self, sequences, SamplingParams(**_eos_as_tuple(kwargs)))
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            raise ValueError("beam search only knows its answer at the end, so it cannot stream tokens; "
+                             "call generate(..., num_beams=N), or stream_chat, which yields the answer once")
+        return stream_tokens(self, [row.tolist() for row in input_ids], params)
 
     def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
         """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""
@@ -86,6 +94,12 @@ class GLMForCausalLM(GLM):
     def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None,
                     **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
         return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
+
+    def infill(self, tokenizer: ChatGLMTokenizer, text: str, **kwargs: Any) -> str:
+        """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,
+        each answer visible to the next blank. Greedy unless do_sample=True; num_beams searches each blank;
+        max_new_tokens bounds each answer. glmkit.infill.fill_text also returns the answers alone."""
+        return fill_text(self, tokenizer, text, SamplingParams(**_eos_as_tuple(kwargs))).text
 
 
 def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from glmkit.generation import SamplingParams, stream_tokens
+from glmkit.beam import beam_search
+from glmkit.generation import SamplingParams, end_tokens, stream_tokens
 from glmkit.model import GLM
 
 History = list[tuple[str, str]]
@@ -69,8 +70,13 @@ def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
-    """Yield the answer so far after each token that changes it; end on an end token or a stop string."""
-    eos = set(params.eos_token_ids or model.config.stop_token_ids)
+    """Yield the answer so far after each token that changes it; end on an end token or a stop string.
+
+    With beams the answer is known only when the search ends, so it is yielded once."""
+    if params.num_beams > 1:
+        yield beam_text(model, tokenizer, prompt_ids, params)
+        return
+    eos = set(end_tokens(model, params))
     new: list[int] = []
     shown = ""
     for tokens in stream_tokens(model, [prompt_ids], params):
@@ -91,11 +97,20 @@ def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], par
         yield final
 
 
+def beam_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> str:
+    """The best beam's text, cut before the first stop string."""
+    eos = set(end_tokens(model, params))
+    text = tokenizer.decode([t for t in beam_search(model, prompt_ids, params)[0].tokens if t not in eos])
+    cut, stopped = held_back(text, params.stop)
+    return cut if stopped else text
+
+
 def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: Any) -> SamplingParams:
-    if num_beams != 1:
-        raise NotImplementedError("beam search is not available yet; use num_beams=1")
+    """The official chat() options; with num_beams > 1 the chat default of sampling gives way to the search
+    (asking for both explicitly is an error)."""
     kwargs.pop("logits_processor", None)  # the official API passes one; its rule is built in
-    options = {**CHAT_DEFAULTS, **kwargs}
+    defaults = {**CHAT_DEFAULTS, "do_sample": False} if num_beams > 1 else CHAT_DEFAULTS
+    options = {**defaults, **kwargs, "num_beams": num_beams}
     return SamplingParams(
         eos_token_ids=(tokenizer.eos_token_id,),
         invalid_score_token_id=tokenizer.convert_tokens_to_ids("▁"),

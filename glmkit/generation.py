@@ -34,6 +34,14 @@ class SamplingParams:
     # The official chat() replaces NaN/Inf scores by a huge score for this token, so sampling never crashes.
     invalid_score_token_id: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)  # stop strings, applied by text-level callers
+    # Beam search (glmkit/beam.py); the last two also constrain greedy decoding and sampling, as in HF.
+    num_beams: int = 1
+    length_penalty: float = 1.0  # GNMT: a beam's score is its log-probability / ((5 + length) / 6) ** this
+    # True: stop once num_beams beams have ended; False: also stop when the best running beam, ended at
+    # the next step, would not beat them (HF's and GLM-130B's rule); "never": only when no running beam can.
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0  # 0 = off; n: the answer never contains the same n tokens twice
+    min_new_tokens: int = 0  # end tokens are banned before this many new tokens
 
     def __post_init__(self) -> None:
         if self.do_sample and self.temperature <= 0:
@@ -44,10 +52,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("max_new_tokens", "max_length"):
+        for name in ("max_new_tokens", "max_length", "num_beams"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError(
+                f"num_beams={self.num_beams} with do_sample=True: beam search here is deterministic; "
+                "pass do_sample=False to search with beams, or num_beams=1 to sample"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
 
     def new_token_budget(self, prompt_length: int, context: int) -> int:
         """How many tokens may follow a prompt; errors when there is no room at all."""
@@ -106,6 +126,30 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     return top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
 
 
+def banned_by_ngrams(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `tokens` (HF's no_repeat_ngram rule)."""
+    if n <= 0 or len(tokens) < n - 1:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
+
+
+def ban_tokens(scores: torch.Tensor, history: Sequence[Sequence[int]], params: SamplingParams,
+               eos: Sequence[int]) -> torch.Tensor:
+    """scores [B, V] with the tokens that min_new_tokens and no_repeat_ngram_size forbid set to -inf.
+
+    `history` holds each row's new tokens so far (all rows equally long): n-grams are counted over
+    the answer only, so an answer may still quote its prompt."""
+    if params.min_new_tokens and len(history[0]) < params.min_new_tokens:
+        scores = scores.clone()
+        scores[:, list(eos)] = float("-inf")
+    if params.no_repeat_ngram_size:
+        scores = scores.clone()
+        for row, tokens in enumerate(history):
+            scores[row, banned_by_ngrams(tokens, params.no_repeat_ngram_size)] = float("-inf")
+    return scores
+
+
 def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """scores [B, V] -> next tokens [B]."""
     if not params.do_sample:
@@ -143,11 +187,14 @@ class DecodeState:
 
 
 @torch.inference_mode()
-def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int) -> tuple[torch.Tensor, DecodeState]:
-    """Encode the left-padded prompts into a fresh KV cache; return the last position's logits [B, V]."""
+def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int,
+            cache_rows: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """Encode the left-padded prompts into a fresh KV cache; return the last position's logits [B, V].
+
+    `cache_rows` (default: one per prompt) leaves room for beams, which fork from the prompt's row."""
     two_d = model.config.position_encoding_2d
     batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, two_d=two_d).items()}
-    model.setup_kv_cache(len(sequences), total_slots)
+    model.setup_kv_cache(cache_rows or len(sequences), total_slots)
     out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], cache_position=0, last_only=True)
     pad_slots = batch["input_ids"].new_zeros(batch["input_ids"].shape, dtype=torch.bool)
     for row, seq in enumerate(sequences):
@@ -179,16 +226,21 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
     total_slots = prompt_length + budget
     device = model.device
     generator = make_generator(params.seed, device)
-    eos = torch.tensor(params.eos_token_ids or model.config.stop_token_ids, device=device)
+    eos_ids = end_tokens(model, params)
+    eos = torch.tensor(eos_ids, device=device)
     seen = torch.zeros(len(sequences), model.config.vocab_size, dtype=torch.bool, device=device)
     for row, seq in enumerate(sequences):
         seen[row, torch.tensor(list(seq), device=device)] = True
     finished = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+    history: list[list[int]] = [[] for _ in sequences]
     try:
         logits, state = prefill(model, sequences, total_slots)
         for step in range(budget):
-            tokens = sample(process_logits(logits, seen, params), params, generator)
+            scores = ban_tokens(process_logits(logits, seen, params), history, params, eos_ids)
+            tokens = sample(scores, params, generator)
             tokens = tokens.masked_fill(finished, model.config.pad_token_id)
+            for row, token in zip(history, tokens.tolist(), strict=True):
+                row.append(token)
             seen[torch.arange(len(sequences), device=device), tokens] |= ~finished
             yield tokens
             finished |= torch.isin(tokens, eos)
@@ -197,6 +249,10 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
             logits = decode_one_token(model, tokens, state)
     finally:
         model.clear_kv_cache()
+
+
+def end_tokens(model: GLM, params: SamplingParams) -> list[int]:
+    return list(params.eos_token_ids or model.config.stop_token_ids)
 
 
 def strip_left_padding(input_ids: torch.Tensor, pad_id: int) -> list[list[int]]:

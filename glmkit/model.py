@@ -116,6 +116,11 @@ class KVCache(nn.Module):
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
 
+    def select_rows(self, rows: torch.Tensor, length: int) -> None:
+        """Rows 0..len(rows) become copies of rows `rows` (first `length` slots): beams forking and dying."""
+        for buffer in (self.k, self.v):  # index_select copies first, so overlapping rows are safe
+            buffer[: len(rows), :, :length] = buffer[:, :, :length].index_select(0, rows)
+
     def _check_room(self, end: int) -> None:
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; writing up to {end} overflows it")
@@ -402,6 +407,12 @@ class GLM(nn.Module):
     def move_kv_cache_row(self, src: int, dst: int) -> None:
         for layer in self.transformer.layers:
             layer.attention.kv_cache.move_row(src, dst)
+
+    def select_kv_cache_rows(self, rows: torch.Tensor, length: int) -> None:
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return  # every beam extends itself: nothing moves
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache.select_rows(rows, length)
 
     def clear_kv_cache(self) -> None:
         for layer in self.transformer.layers:

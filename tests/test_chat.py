@@ -91,12 +91,6 @@ def test_history_longer_than_the_context_is_a_clear_error(loaded):
         model.chat(tokenizer, "again", history)
 
 
-def test_beam_search_is_refused_clearly(loaded):
-    model, tokenizer = loaded
-    with pytest.raises(NotImplementedError, match="beam search"):
-        model.chat(tokenizer, "hi", num_beams=4)
-
-
 def test_load_without_a_path_explains_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(glmkit.api, "DEMO_MODEL_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="pass --model PATH"):

@@ -9,7 +9,7 @@ from glmkit.engine.parallel import BroadcastRunner
 from glmkit.engine.request import Request, StepOutput
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
-from glmkit.generation import SamplingParams
+from glmkit.generation import SamplingParams, end_tokens
 from glmkit.model import GLM
 
 
@@ -66,7 +66,7 @@ class Engine:
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
-        eos = request.params.eos_token_ids or self.model.config.stop_token_ids
+        eos = end_tokens(self.model, request.params)
         if token in eos:
             return "stop"
         if len(request.output_ids) >= request.budget:
