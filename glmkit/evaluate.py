@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from glmkit.chat import build_prompt, process_response
-from glmkit.generation import SamplingParams, stream_tokens
+from glmkit.generation import greedy_completions
 from glmkit.model import GLM
 from glmkit.objectives import IGNORE, Specials, collate, gmask_example
 from glmkit.tokenizer import ChatGLMTokenizer
@@ -26,15 +26,7 @@ from glmkit.tokenizer import ChatGLMTokenizer
 def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers to a batch of chat records ({prompt, history})."""
     prompts = [tokenizer.encode(build_prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
-    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,))
-    answers: list[list[int]] = [[] for _ in records]
-    done = [False] * len(records)
-    for tokens in stream_tokens(model, prompts, params):
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                done[row] = token == tokenizer.eos_token_id
-                if not done[row]:
-                    answers[row].append(token)
+    answers = greedy_completions(model, prompts, max_new_tokens, (tokenizer.eos_token_id,))
     return [process_response(tokenizer.decode(a)) for a in answers]
 
 
