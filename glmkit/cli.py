@@ -303,7 +303,10 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from glmkit.harness import evaluate, format_table, resolve_tasks
 
-    configs = resolve_tasks(args.tasks)  # read every YAML before loading the model: a typo fails fast
+    for flag in ("batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    configs = resolve_tasks(args.tasks, args.data_path)  # every YAML read before the model loads: typos fail fast
     model, tokenizer = load_from_args(args, progress=False)
     results, seconds = evaluate(model, tokenizer, configs, batch_size=args.batch_size, limit=args.limit,
                                 progress=not args.no_progress)
@@ -465,7 +468,11 @@ def add_eval_parser(sub) -> None:
     add_model_args(ev)
     ev.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: each task's "
                                                                  "micro-batch-size)")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N examples of each data file")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N examples (documents for perplexity) of "
+                                                            "each data file")
+    ev.add_argument("--data-path", type=Path, default=None,
+                    help="root of the relative data paths in your YAML files (GLM-130B's DATA_PATH; default: "
+                         "each YAML file's folder)")
     ev.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)

@@ -12,10 +12,10 @@ import torch
 
 from glmkit.cli import main
 from glmkit.harness.config import TaskConfigError, load_task, parse_task, resolve_tasks, shipped_task_names
-from glmkit.harness.data import Document, Reader, TaskDataError, csv_rows, read_choice_items
+from glmkit.harness.data import Document, LastWordItem, Reader, TaskDataError, csv_rows, read_choice_items
 from glmkit.harness.scoring import pack, part_a, score_packed
 from glmkit.harness.shipped import build_tasks
-from glmkit.harness.tasks import Run, perplexity, windows
+from glmkit.harness.tasks import Run, last_word, perplexity, windows
 from glmkit.metrics import exact_match_score, f1_score, normalize_answer
 
 from tiny import GMASK, MASK, SOP, random_model, tiny_config, write_chat_model
@@ -151,17 +151,23 @@ def test_mmlu_csv_file(chat_model_dir, tokenizer, tmp_path):
     answers[0] = next(letter for letter in "ABCD" if letter != answers[0])  # one wrong on purpose
     data = tmp_path / "mmlu"
     data.mkdir()
-    with (data / "general_knowledge_test.csv").open("w", encoding="utf-8") as f:
-        for (question, *options), answer in zip(MMLU_QUESTIONS, answers, strict=True):
-            f.write(",".join(f'"{x}"' for x in (question, *options, answer)) + "\n")
+    wrong = [next(letter for letter in "ABCD" if letter != answer) for answer in answers[1:]]
+    for name, rows in (("general_knowledge_test.csv", zip(MMLU_QUESTIONS, answers, strict=True)),
+                       ("general_knowledge_val.csv", zip(MMLU_QUESTIONS[1:], wrong, strict=True))):
+        with (data / name).open("w", encoding="utf-8") as f:
+            for (question, *options), answer in rows:
+                f.write(",".join(f'"{x}"' for x in (question, *options, answer)) + "\n")
     (tmp_path / "mmlu.yaml").write_text('name: "MMLU"\ntype: "mul"\npath: "mmlu"\nfile-pattern:\n'
-                                        '  knowledge: "*_test.csv"\nmicro-batch-size: 2\n', encoding="utf-8")
+                                        '  knowledge: "*_test.csv"\n  wrong: "*_val.csv"\nmicro-batch-size: 2\n',
+                                        encoding="utf-8")
     out = tmp_path / "results.json"
     assert main(["eval", str(tmp_path / "mmlu.yaml"), "--model", str(chat_model_dir), "--json", str(out),
                  "--no-progress"]) == 0
     rows = {(r["group"], r["metric"]): r for r in json.loads(out.read_text())["results"]}
     assert rows[("knowledge", "accuracy")]["value"] == pytest.approx(75.0)
     assert rows[("knowledge", "accuracy")]["n"] == 4
+    assert rows[("wrong", "accuracy")]["value"] == 0.0  # a score of 0 is still reported
+    assert rows[("all", "accuracy")]["value"] == pytest.approx(100 * 3 / 7)
 
 
 def test_ceval_csv_layout(tokenizer, tmp_path):
@@ -278,3 +284,46 @@ def test_demo_model_on_shipped_tasks(tmp_path, capsys):
     hits = [exact_match_score(model.chat(tokenizer, r["inputs_pretokenized"], do_sample=False)[0],
                               r["targets_pretokenized"]) for r in records[:4]]
     assert rows[("arithmetic", "en", "em")]["value"] == pytest.approx(100 * sum(hits) / 4)
+
+
+def test_last_word_is_right_when_greedy_decoding_produces_it(model):
+    """Targets set to the model's own greedy tokens (found here on full sequences) count; one changed token does not."""
+    config = parse_task({"name": "t", "type": "lm", "path": "x.jsonl"}, Path("t.yaml"))
+    run = Run(model, None, config, batch_size=2, max_length=model.config.max_sequence_length, progress=False)
+    items = []
+    for n in (3, 6, 9):
+        context, target = list(range(30, 30 + n)), []
+        for _ in range(3):  # grow the word one greedy token at a time
+            with torch.no_grad():
+                logits = model(torch.tensor([[*context, GMASK, SOP, *target]])).logits[0, -1]
+            target.append(int(logits.argmax()))
+        items += [LastWordItem(context, target), LastWordItem(context, [*target[:-1], (target[-1] + 1) % 200])]
+    tally = last_word(run, items, "test")
+    assert (tally["last_word_items"], tally["last_word_correct"]) == (6, 3)
+
+
+def test_official_wikitext_yaml_with_data_path(chat_model_dir, tokenizer, tmp_path):
+    """GLM-130B's wikitext-103.yaml as published, its data under --data-path, a `.tokens` file."""
+    tasks, data = tmp_path / "tasks", tmp_path / "data" / "wikitext-103"
+    tasks.mkdir()
+    data.mkdir(parents=True)
+    text = "The cat sat on the mat . \n The dog sat on the log . \n" * 30
+    (data / "wiki.test.tokens").write_text(text, encoding="utf-8")
+    (tasks / "wikitext-103.yaml").write_text('name: "WikiText-103"\ntype: "lm"\npath: "wikitext-103"\nfile-pattern:\n'
+                                             '  test: "**/wiki.test.tokens"\n\ngeneration-length: 256\n'
+                                             "use_task_mask: true\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tasks), "--data-path", str(tmp_path / "data"), "--model", str(chat_model_dir),
+                 "--json", str(out), "--no-progress"]) == 0
+    rows = {r["metric"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["ppl_token"]["n"] == len(tokenizer.encode(text, add_special_tokens=False))
+    words, size = len(text.split()), len(text.encode())
+    nll = math.log(rows["ppl_token"]["value"]) * rows["ppl_token"]["n"]
+    assert rows["ppl_word"]["value"] == pytest.approx(math.exp(nll / words), rel=1e-4)
+    assert rows["bpb"]["value"] == pytest.approx(nll / math.log(2) / size, rel=1e-4)
+
+
+def test_empty_data_file(chat_model_dir, tmp_path, capsys):
+    yaml_file = write_task(tmp_path, "name: t\ntype: gen\npath: d.jsonl\n", "d.jsonl", "\n")
+    assert main(["eval", str(yaml_file), "--model", str(chat_model_dir), "--no-progress"]) == 2
+    assert "d.jsonl: no examples in the file" in capsys.readouterr().err

@@ -14,7 +14,8 @@ from pathlib import Path
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 
 TASK_TYPES = ("mul", "gen", "lm")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")  # what the default pattern picks up
+DEFAULT_PATTERN = {"all": "**/*"}
 # Official keys that select machinery glmkit does not have: generation here is greedy, tasks are built in.
 IGNORED_KEYS = {"module", "sampling_strategy", "num_beams", "length_penalty", "no_repeat_ngram_size",
                 "min_gen_length", "no_tokenized", "use_multitask_encoding", "unidirectional", "deterministic"}
@@ -37,7 +38,7 @@ class TaskConfig:
     type: str  # mul | gen | lm
     path: Path  # a data file, or a folder searched with file_pattern
     source: Path  # the YAML file (relative paths in it are relative to its folder)
-    file_pattern: dict[str, str] = field(default_factory=lambda: {"all": "**/*"})  # group -> glob
+    file_pattern: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PATTERN))  # group -> glob
     metrics: list[str] = field(default_factory=list)  # empty: all of the type's metrics
     use_task_mask: bool | None = None  # [gMASK] instead of [MASK]; None: the type's default
     max_seq_length: int | None = None  # None: the model's context (at most 2048, as the official default)
@@ -60,10 +61,11 @@ class TaskConfig:
                                   "relative to the YAML file's folder)")
         groups = {}
         for group, pattern in self.file_pattern.items():
-            files = sorted(p for p in self.path.glob(pattern) if p.is_file() and p.suffix in DATA_SUFFIXES)
+            # A pattern of one's own may name any file (WikiText's wiki.test.tokens); the default takes known kinds.
+            files = sorted(p for p in self.path.glob(pattern) if p.is_file() and not p.name.startswith(".")
+                           and (self.file_pattern != DEFAULT_PATTERN or p.suffix in DATA_SUFFIXES))
             if not files:
-                raise TaskConfigError(f"{self.source}: no data files ({', '.join(DATA_SUFFIXES)}) match "
-                                      f"{pattern!r} under {self.path}")
+                raise TaskConfigError(f"{self.source}: no data files match {pattern!r} under {self.path}")
             groups[group] = files
         return groups
 
@@ -99,8 +101,9 @@ def _metrics(value, task_type: str, source: Path) -> list[str]:
     return out
 
 
-def parse_task(raw: object, source: Path) -> TaskConfig:
-    """A TaskConfig from a parsed YAML document."""
+def parse_task(raw: object, source: Path, data_path: Path | None = None) -> TaskConfig:
+    """A TaskConfig from a parsed YAML document; a relative `path` is taken from `data_path` (GLM-130B's
+    DATA_PATH) when given, else from the YAML file's folder."""
     if not isinstance(raw, dict):
         raise TaskConfigError(f"{source}: a task file must be a YAML mapping (name, type, path, ...)")
     keys = _normalise_keys(raw, source)
@@ -119,7 +122,7 @@ def parse_task(raw: object, source: Path) -> TaskConfig:
     if unknown:
         raise TaskConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     values = {k: v for k, v in keys.items() if k in known}
-    values["name"], values["path"] = str(values["name"]), source.parent / str(values["path"])
+    values["name"], values["path"] = str(values["name"]), (data_path or source.parent) / str(values["path"])
     if "file_pattern" in values:
         values["file_pattern"] = _file_pattern(values["file_pattern"], source)
     values["metrics"] = _metrics(values.get("metrics", []), keys["type"], source)
@@ -131,7 +134,7 @@ def parse_task(raw: object, source: Path) -> TaskConfig:
     return TaskConfig(source=source, **values)
 
 
-def load_task(path: Path) -> TaskConfig:
+def load_task(path: Path, data_path: Path | None = None) -> TaskConfig:
     import yaml  # only the eval command needs it
 
     try:
@@ -140,15 +143,17 @@ def load_task(path: Path) -> TaskConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise TaskConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_task(raw, path)
+    return parse_task(raw, path, data_path)
 
 
 def shipped_task_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_TASKS_DIR.glob("*.yaml"))
 
 
-def resolve_tasks(specs: list[str]) -> list[TaskConfig]:
-    """Task configs from YAML files, folders of YAML files and shipped task names; none given: every shipped task."""
+def resolve_tasks(specs: list[str], data_path: Path | None = None) -> list[TaskConfig]:
+    """Task configs from YAML files, folders of YAML files and shipped task names; none given: every shipped task.
+
+    `data_path` roots the relative data paths of the user's YAML files (not of the shipped ones)."""
     if not specs:
         specs = shipped_task_names()
     configs = []
@@ -158,9 +163,9 @@ def resolve_tasks(specs: list[str]) -> list[TaskConfig]:
             files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
             if not files:
                 raise TaskConfigError(f"{path}: folder holds no .yaml task files")
-            configs += [load_task(f) for f in files]
+            configs += [load_task(f, data_path) for f in files]
         elif path.is_file():
-            configs.append(load_task(path))
+            configs.append(load_task(path, data_path))
         elif (SHIPPED_TASKS_DIR / f"{spec}.yaml").is_file():
             configs.append(load_task(SHIPPED_TASKS_DIR / f"{spec}.yaml"))
         else:

@@ -4,9 +4,10 @@ JSONL (GLM-130B's layout, one object per line; `.json` files are read the same w
     multiple choice  {"inputs_pretokenized": str, "choices_pretokenized": [str, ...], "label": int}
     generation       {"inputs_pretokenized": str, "targets_pretokenized": str | [str, ...]}
     last word (lm)   {"inputs_pretokenized": str, "targets_pretokenized": str}  (" word" after a space)
+    documents (lm)   {"text_pretokenized": str}  (the Pile's layout)
 Each `X_pretokenized` may be replaced by `X` holding token ids, as in the official files.
 CSV: MMLU (question, A, B, C, D, answer; no header) or C-Eval (a header naming id, question, A-D, answer).
-Text (`.txt`, lm): one document per file, scored with sliding windows.
+Any other file (`.txt`, WikiText's `.tokens`; lm): one document, scored with sliding windows.
 """
 
 from __future__ import annotations
@@ -217,8 +218,32 @@ def read_choice_items(path: Path, reader: Reader, csv_choices: str = "letters") 
     return items
 
 
-def read_document(path: Path, reader: Reader) -> Document:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise TaskDataError(f"{path}: empty text file")
-    return Document(reader.encode(text, str(path)), len(text.split()), len(text.encode("utf-8")))
+def document(text: str, tokens: list[int]) -> Document:
+    return Document(tokens, len(text.split()), len(text.encode("utf-8")))
+
+
+def read_documents(path: Path, reader: Reader) -> list[Document]:
+    """A text file is one document; a JSONL file (the Pile's layout) holds one per line under
+    `text_pretokenized` (or `text`, as text or as token ids with the text beside them)."""
+    if path.suffix not in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise TaskDataError(f"{path}: empty text file")
+        return [document(text, reader.encode(text, str(path)))]
+    out = []
+    for where, record in json_records(path):
+        text = record.get("text_pretokenized", record.get("text"))
+        if not isinstance(text, str):
+            raise TaskDataError(f"{where}: needs the document's text under 'text_pretokenized' or 'text'")
+        tokens = record["text"] if isinstance(record.get("text"), list) else reader.encode(text, where)
+        if tokens:
+            out.append(document(text, tokens))
+    return out
+
+
+def is_document_file(path: Path) -> bool:
+    """Whether an lm file holds documents to score (text, or JSONL with `text`) rather than last-word items."""
+    if path.suffix not in (".json", ".jsonl"):
+        return True
+    first = next(json_records(path), None)
+    return first is not None and ("text" in first[1] or "text_pretokenized" in first[1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -25,9 +25,10 @@ from glmkit.harness.data import (
     LastWordItem,
     Reader,
     TaskDataError,
+    is_document_file,
     json_records,
     read_choice_items,
-    read_document,
+    read_documents,
 )
 from glmkit.harness.scoring import AnswerScore, Packed, pack, packed_length, part_a, score_packed
 from glmkit.metrics import best_over_references, exact_match_score, f1_score
@@ -155,6 +156,14 @@ def perplexity(run: Run, documents: Sequence[Document], desc: str) -> Tally:
                  bytes=sum(d.bytes for d in documents))
 
 
+def merge(tallies: Iterable[Tally]) -> Tally:
+    """Sum tallies, keeping zeros (Counter's `+` would drop them, and a score of 0 with them)."""
+    total = Tally()
+    for tally in tallies:
+        total.update(tally)
+    return total
+
+
 def metrics_of(tally: Tally) -> dict[str, tuple[float, int]]:
     """metric -> (value, n) for whatever the tally holds."""
     out = {}
@@ -179,15 +188,23 @@ def metrics_of(tally: Tally) -> dict[str, tuple[float, int]]:
 def run_file(run: Run, path: Path, reader: Reader, limit: int | None, desc: str) -> Tally:
     kind = run.config.type
     if kind == "mul":
-        return multiple_choice(run, read_choice_items(path, reader, run.config.csv_choices)[:limit], desc)
-    if kind == "lm" and path.suffix == ".txt":  # one document: --limit does not cut it
-        return perplexity(run, [read_document(path, reader)], desc)
+        return multiple_choice(run, _some(read_choice_items(path, reader, run.config.csv_choices), limit, path), desc)
     if path.suffix == ".csv":
         raise TaskDataError(f"{path}: CSV files are multiple choice (MMLU / C-Eval); use type: mul")
-    records = list(json_records(path))[:limit]
-    if kind == "gen":
-        return generation(run, [reader.generation_item(r, where) for where, r in records], desc)
-    return last_word(run, [reader.last_word_item(r, where) for where, r in records], desc)
+    if kind == "lm" and is_document_file(path):  # --limit counts documents (a text file is one)
+        return perplexity(run, _some(read_documents(path, reader), limit, path), desc)
+    if kind == "lm" or path.suffix in (".json", ".jsonl"):
+        records = _some(list(json_records(path)), limit, path)
+        if kind == "gen":
+            return generation(run, [reader.generation_item(r, where) for where, r in records], desc)
+        return last_word(run, [reader.last_word_item(r, where) for where, r in records], desc)
+    raise TaskDataError(f"{path}: generation tasks read JSONL files (.jsonl or .json)")
+
+
+def _some(items: list[T], limit: int | None, path: Path) -> list[T]:
+    if not items:
+        raise TaskDataError(f"{path}: no examples in the file")
+    return items[:limit]
 
 
 def evaluate_task(model: GLM, tokenizer: ChatGLMTokenizer | None, config: TaskConfig, *,
@@ -200,11 +217,10 @@ def evaluate_task(model: GLM, tokenizer: ChatGLMTokenizer | None, config: TaskCo
                               f"context of {context} tokens")
     run = Run(model, tokenizer, config, batch_size or config.micro_batch_size, max_length, progress)
     reader = Reader(tokenizer)
-    tallies = {}
-    for group, files in config.groups().items():
-        tallies[group] = sum((run_file(run, f, reader, limit, group) for f in files), Tally())
+    tallies = {group: merge(run_file(run, f, reader, limit, group) for f in files)
+               for group, files in config.groups().items()}
     if len(tallies) > 1:
-        tallies["all"] = sum(tallies.values(), Tally())
+        tallies["all"] = merge(tallies.values())
     wanted = config.metrics or list(METRICS[config.type])
     return [Result(config.name, group, metric, value, n)
             for group, tally in tallies.items()
