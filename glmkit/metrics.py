@@ -7,6 +7,9 @@ Per example, then averaged and scaled to 0-100:
   counted as sets, ROUGE-L is the longest common subsequence, F = 2PR / (P + R + 1e-8)).
 Written from those definitions; the tests check them against NLTK and rouge-chinese themselves.
 An empty prediction scores 0 (the official script would stop with an error on it).
+
+Exact match and F1 for `glmkit eval`'s generation tasks are GLM-130B's (`evaluation/metrics.py`, from
+SQuAD): answers normalised, F1 over words, the best score over the accepted answers.
 """
 
 from __future__ import annotations

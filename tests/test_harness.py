@@ -209,6 +209,13 @@ def test_bad_tasks_get_clear_errors(chat_model_dir, tmp_path, capsys, yaml_text,
     assert message in capsys.readouterr().err
 
 
+def test_data_paths_resolve_like_the_official_loader(tmp_path):
+    yaml_file = tmp_path / "t.yaml"
+    assert parse_task({"name": "t", "type": "mul", "path": "d"}, yaml_file).path == tmp_path / "d"
+    assert parse_task({"name": "t", "type": "mul", "path": "d"}, yaml_file, Path("/data")).path == Path("/data/d")
+    assert parse_task({"name": "t", "type": "mul", "path": "~/d"}, yaml_file).path == Path.home() / "d"
+
+
 def test_unknown_task_name_lists_the_shipped_ones():
     with pytest.raises(TaskConfigError, match="not a shipped task.*capitals"):
         resolve_tasks(["no-such-task"])

@@ -122,7 +122,8 @@ def parse_task(raw: object, source: Path, data_path: Path | None = None) -> Task
     if unknown:
         raise TaskConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     values = {k: v for k, v in keys.items() if k in known}
-    values["name"], values["path"] = str(values["name"]), (data_path or source.parent) / str(values["path"])
+    values["name"] = str(values["name"])
+    values["path"] = (data_path or source.parent) / Path(str(values["path"])).expanduser()  # absolute stays
     if "file_pattern" in values:
         values["file_pattern"] = _file_pattern(values["file_pattern"], source)
     values["metrics"] = _metrics(values.get("metrics", []), keys["type"], source)
