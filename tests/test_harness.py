@@ -275,13 +275,13 @@ def test_shipped_task_builder(tmp_path):
 def test_demo_model_on_shipped_tasks(tmp_path, capsys):
     """The shipped demo model through the CLI: a table on stdout, JSON with every task's rows."""
     out = tmp_path / "r.json"
-    assert main(["eval", "capitals", "arithmetic", "--limit", "4", "--json", str(out), "--no-progress"]) == 0
+    assert main(["eval", "capitals", "arithmetic", "--limit", "3", "--json", str(out), "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["task", "group", "metric", "value", "n"]
     rows = {(r["task"], r["group"], r["metric"]): r for r in json.loads(out.read_text())["results"]}
-    assert rows[("capitals", "all", "accuracy")]["n"] == 8
+    assert rows[("capitals", "all", "accuracy")]["n"] == 6
     assert rows[("capitals", "en", "accuracy")]["value"] == 100.0  # it knows these capitals (100% by exact match)
-    assert rows[("arithmetic", "all", "em")]["n"] == 8 and ("arithmetic", "zh", "f1") in rows
+    assert rows[("arithmetic", "all", "em")]["n"] == 6 and ("arithmetic", "zh", "f1") in rows
     # The same answers through chat() (greedy), scored here.
     import glmkit
     from glmkit.harness.config import SHIPPED_TASKS_DIR
@@ -289,8 +289,8 @@ def test_demo_model_on_shipped_tasks(tmp_path, capsys):
     model, tokenizer = glmkit.load(progress=False)
     records = [json.loads(line) for line in (SHIPPED_TASKS_DIR / "arithmetic" / "en.jsonl").read_text().splitlines()]
     hits = [exact_match_score(model.chat(tokenizer, r["inputs_pretokenized"], do_sample=False)[0],
-                              r["targets_pretokenized"]) for r in records[:4]]
-    assert rows[("arithmetic", "en", "em")]["value"] == pytest.approx(100 * sum(hits) / 4)
+                              r["targets_pretokenized"]) for r in records[:3]]
+    assert rows[("arithmetic", "en", "em")]["value"] == pytest.approx(100 * sum(hits) / 3)
 
 
 def test_last_word_is_right_when_greedy_decoding_produces_it(model):
