@@ -68,7 +68,7 @@ class Run:
             if excess > len(ids) - 1:
                 need = packed_length(1, answers)
                 raise TaskDataError(f"{where}: the answers take {need} tokens with the mask, more than the "
-                                    f"{self.max_length}-token context (max-seq-length); shorten the choices")
+                                    f"{self.max_length}-token context; shorten them or raise max-seq-length")
             ids = ids[excess:]
         return pack(ids, answers, special, self.model.config.position_encoding_2d)
 
@@ -97,10 +97,10 @@ def multiple_choice(run: Run, items: Sequence[ChoiceItem], desc: str) -> Tally:
     tally = Tally(items=len(items))
     for item, scores in zip(items, run.score(packed, desc), strict=True):
         summed = [s.logprob for s in scores]
+        per_char = [lp / max(1, chars) for lp, chars in zip(summed, item.choice_chars, strict=True)]
         tally["correct"] += _argmax(summed) == item.label
         tally["correct_per_token"] += _argmax([s.logprob / s.tokens for s in scores]) == item.label
-        tally["correct_per_char"] += _argmax([lp / max(1, c) for lp, c in zip(summed, item.choice_chars,
-                                                                              strict=True)]) == item.label
+        tally["correct_per_char"] += _argmax(per_char) == item.label
     return tally
 
 
