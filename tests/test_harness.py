@@ -132,7 +132,7 @@ def chat_model_dir(tokenizer, tmp_path_factory) -> Path:
 
 def mmlu_prompt(question: str, options: tuple[str, ...], subject: str) -> str:
     """The documented zero-shot prompt, written out here independently of the harness."""
-    return (f"The following are multiple choice questions about {subject}.\n\n{question}\n"
+    return (f"The following are multiple choice questions (with answers) about {subject}.\n\n{question}\n"
             f"A. {options[0]}\nB. {options[1]}\nC. {options[2]}\nD. {options[3]}\nAnswer:")
 
 
@@ -182,6 +182,23 @@ def test_ceval_csv_layout(tokenizer, tmp_path):
     (tmp_path / "test.csv").write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n", encoding="utf-8")
     with pytest.raises(TaskDataError, match="no 'answer' column"):
         list(csv_rows(tmp_path / "test.csv"))
+
+
+def test_few_shot_examples_come_from_the_dev_file(tokenizer, tmp_path):
+    """MMLU's layout: data/dev/x_dev.csv solves the examples shown before data/test/x_test.csv's questions."""
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev" / "astronomy_dev.csv").write_text("Sun?,star,planet,moon,comet,A\nMars?,star,planet,moon,"
+                                                        "comet,B\nLuna?,star,planet,moon,comet,C\n")
+    (tmp_path / "test" / "astronomy_test.csv").write_text("Io?,star,planet,moon,comet,C\n")
+    [item] = read_choice_items(tmp_path / "test" / "astronomy_test.csv", Reader(tokenizer), few_shot=2)
+    expected = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                "Sun?\nA. star\nB. planet\nC. moon\nD. comet\nAnswer: A\n\n"
+                "Mars?\nA. star\nB. planet\nC. moon\nD. comet\nAnswer: B\n\n"
+                "Io?\nA. star\nB. planet\nC. moon\nD. comet\nAnswer:")
+    assert item.context == tokenizer.encode(expected, add_special_tokens=False) and item.label == 2
+    with pytest.raises(TaskDataError, match="fewer than few-shot 5"):
+        read_choice_items(tmp_path / "test" / "astronomy_test.csv", Reader(tokenizer), few_shot=5)
 
 
 def write_task(tmp_path: Path, yaml_text: str, data_name: str, data: str) -> Path:

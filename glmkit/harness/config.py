@@ -46,6 +46,7 @@ class TaskConfig:
     max_gen_length: int = 128  # gen: new tokens at most
     generation_length: int = 256  # lm: tokens scored per sliding window after the first
     csv_choices: str = "letters"  # MMLU/C-Eval CSV: score the letters A-D, or the option texts ("text")
+    few_shot: int = 0  # MMLU/C-Eval CSV: solved examples from the subject's dev file before each question
 
     @property
     def gmask(self) -> bool:
@@ -130,6 +131,8 @@ def parse_task(raw: object, source: Path, data_path: Path | None = None) -> Task
     for key in ("max_seq_length", "micro_batch_size", "max_gen_length", "generation_length"):
         if key in values and values[key] is not None and (not isinstance(values[key], int) or values[key] < 1):
             raise TaskConfigError(f"{source}: {key.replace('_', '-')} must be a positive integer, got {values[key]!r}")
+    if not isinstance(values.get("few_shot", 0), int) or values.get("few_shot", 0) < 0:
+        raise TaskConfigError(f"{source}: few-shot must be a whole number of examples, got {values['few_shot']!r}")
     if values.get("csv_choices", "letters") not in ("letters", "text"):
         raise TaskConfigError(f"{source}: csv-choices must be 'letters' or 'text'")
     return TaskConfig(source=source, **values)

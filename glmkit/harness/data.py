@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,14 +163,36 @@ def csv_subject(path: Path) -> str:
     return stem.replace("_", " ")
 
 
-def csv_prompt(question: str, options: list[str], subject: str, chinese: bool) -> str:
-    """The zero-shot prompt: the usual MMLU (English) or C-Eval (Chinese) heading, question, lettered options."""
-    lines = [f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=True)]
+Shot = tuple[list[str], str]  # ([question, A, B, C, D], answer letter)
+
+
+def csv_prompt(question: list[str], subject: str, chinese: bool, shots: Sequence[Shot] = ()) -> str:
+    """MMLU's prompt (Hendrycks et al.; C-Eval's in Chinese): the heading, solved examples, the question.
+
+    Each question is followed by its lettered options and `Answer:` (`答案：`), with the letter filled
+    in for the examples."""
     if chinese:
         head, answer = f"以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。", "答案："
     else:
-        head, answer = f"The following are multiple choice questions about {subject}.", "Answer:"
-    return "\n".join([head, "", question, *lines, answer])
+        head, answer = f"The following are multiple choice questions (with answers) about {subject}.", "Answer:"
+
+    def block(fields: list[str], letter: str) -> str:
+        options = [f"{x}. {option}" for x, option in zip(LETTERS, fields[1:], strict=True)]
+        return "\n".join([fields[0], *options, f"{answer}{'' if chinese else ' '}{letter}".rstrip()])
+
+    return "\n\n".join([head, *(block(fields, letter) for fields, letter in shots), block(question, "")])
+
+
+def dev_examples(path: Path, count: int) -> list[Shot]:
+    """The first `count` rows of the subject's dev file, where MMLU and C-Eval keep them:
+    `data/test/x_test.csv` -> `data/dev/x_dev.csv` (C-Eval: `val/x_val.csv` -> `dev/x_dev.csv`)."""
+    dev = path.parent.parent / "dev" / f"{csv_subject(path).replace(' ', '_')}_dev.csv"
+    if not dev.is_file():
+        raise TaskDataError(f"{path}: few-shot needs the subject's dev file {dev} (MMLU's and C-Eval's layout)")
+    shots = [(fields, answer) for _, fields, answer, _ in csv_rows(dev)][:count]
+    if len(shots) < count:
+        raise TaskDataError(f"{dev}: {len(shots)} examples, fewer than few-shot {count}")
+    return shots
 
 
 def csv_rows(path: Path) -> Iterator[tuple[str, list[str], str, bool]]:
@@ -206,13 +228,15 @@ def _prepend(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]
     yield from rest
 
 
-def read_choice_items(path: Path, reader: Reader, csv_choices: str = "letters") -> list[ChoiceItem]:
+def read_choice_items(path: Path, reader: Reader, csv_choices: str = "letters",
+                      few_shot: int = 0) -> list[ChoiceItem]:
     if path.suffix != ".csv":
         return [reader.choice_item(record, where) for where, record in json_records(path)]
+    shots = dev_examples(path, few_shot) if few_shot else []
     items = []
-    for where, (question, *options), answer, ceval in csv_rows(path):
-        prompt = csv_prompt(question, options, csv_subject(path), chinese=ceval)
-        choices = list(LETTERS) if csv_choices == "letters" else options
+    for where, fields, answer, ceval in csv_rows(path):
+        prompt = csv_prompt(fields, csv_subject(path), chinese=ceval, shots=shots)
+        choices = list(LETTERS) if csv_choices == "letters" else fields[1:]
         record = {"inputs_pretokenized": prompt, "choices_pretokenized": choices, "label": LETTERS.index(answer)}
         items.append(reader.choice_item(record, where))
     return items

@@ -188,7 +188,8 @@ def metrics_of(tally: Tally) -> dict[str, tuple[float, int]]:
 def run_file(run: Run, path: Path, reader: Reader, limit: int | None, desc: str) -> Tally:
     kind = run.config.type
     if kind == "mul":
-        return multiple_choice(run, _some(read_choice_items(path, reader, run.config.csv_choices), limit, path), desc)
+        items = read_choice_items(path, reader, run.config.csv_choices, run.config.few_shot)
+        return multiple_choice(run, _some(items, limit, path), desc)
     if path.suffix == ".csv":
         raise TaskDataError(f"{path}: CSV files are multiple choice (MMLU / C-Eval); use type: mul")
     if kind == "lm" and is_document_file(path):  # --limit counts documents (a text file is one)
