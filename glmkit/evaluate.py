@@ -12,29 +12,19 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from glmkit.chat import build_prompt, process_response
-from glmkit.generation import SamplingParams, stream_tokens
+from glmkit.generation import greedy_completions
+from glmkit.harness.scoring import pack, part_a, score_packed
 from glmkit.model import GLM
-from glmkit.objectives import IGNORE, Specials, collate, gmask_example
 from glmkit.tokenizer import ChatGLMTokenizer
 
 
 def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers to a batch of chat records ({prompt, history})."""
     prompts = [tokenizer.encode(build_prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
-    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,))
-    answers: list[list[int]] = [[] for _ in records]
-    done = [False] * len(records)
-    for tokens in stream_tokens(model, prompts, params):
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                done[row] = token == tokenizer.eos_token_id
-                if not done[row]:
-                    answers[row].append(token)
+    answers = greedy_completions(model, prompts, max_new_tokens, (tokenizer.eos_token_id,))
     return [process_response(tokenizer.decode(a)) for a in answers]
 
 
@@ -89,27 +79,19 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
     return report
 
 
-@torch.no_grad()
 def perplexity(model: GLM, tokenizer: ChatGLMTokenizer, texts: Sequence[str], max_tokens: int = 256,
                batch_size: int = 16) -> float:
-    """exp(mean NLL) of each text's second half given its first half."""
-    specials = Specials(ids=tokenizer.special_ids, eop=tokenizer.eos_token_id)
+    """exp(mean NLL) of each text's second half given its first half, scored as `glmkit eval` scores answers."""
+    special, two_d = model.special_ids, model.config.position_encoding_2d
     max_tokens = min(max_tokens, model.config.max_sequence_length - 2)  # room for [gMASK] and <sop>
-    examples = []
+    rows = []
     for text in texts:
         tokens = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
         if len(tokens) >= 4:
-            example = gmask_example(tokens, len(tokens) // 2, specials)
-            example.labels[-1] = IGNORE  # score the text, not the end marker
-            examples.append(example)
-    if not examples:
+            cut = len(tokens) // 2
+            rows.append(pack(part_a(tokens[:cut], special, gmask=True), [tokens[cut:]], special, two_d))
+    if not rows:
         raise ValueError("no text long enough to measure perplexity")
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + batch_size],
-                                                            model.config.pad_token_id).items()}
-        logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]).logits.float()
-        labels = batch["labels"]
-        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        count += int((labels != IGNORE).sum())
-    return math.exp(total / count)
+    scores = [row[0] for start in range(0, len(rows), batch_size)
+              for row in score_packed(model, rows[start:start + batch_size])]
+    return math.exp(-sum(s.logprob for s in scores) / sum(s.tokens for s in scores))

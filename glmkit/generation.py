@@ -271,3 +271,18 @@ def generate(model: GLM, input_ids: torch.Tensor, params: SamplingParams) -> tor
     if not steps:
         return input_ids
     return torch.cat([input_ids.to(model.device), torch.stack(steps, dim=1)], dim=1)
+
+
+def greedy_completions(model: GLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       eos_token_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each prompt's greedy continuation, without its end token (prompts decoded together, left-padded)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    answers: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for tokens in stream_tokens(model, prompts, params):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                done[row] = token in eos_token_ids
+                if not done[row]:
+                    answers[row].append(token)
+    return answers

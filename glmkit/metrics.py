@@ -7,11 +7,17 @@ Per example, then averaged and scaled to 0-100:
   counted as sets, ROUGE-L is the longest common subsequence, F = 2PR / (P + R + 1e-8)).
 Written from those definitions; the tests check them against NLTK and rouge-chinese themselves.
 An empty prediction scores 0 (the official script would stop with an error on it).
+
+Exact match and F1 for `glmkit eval`'s generation tasks are GLM-130B's (`evaluation/metrics.py`, from
+SQuAD): answers normalised, F1 over words, the best score over the accepted answers.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -106,3 +112,43 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
     scores = {k: round(100 * totals[k] / count, 4) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")}
     scores["count"] = count
     return scores
+
+
+# ----- exact match and F1 (GLM-130B's `evaluation/metrics.py`, SQuAD's definitions) -----
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, English articles and extra spaces.
+
+    The official list of punctuation is ASCII only; Chinese punctuation (。，“”) is dropped here too,
+    so a Chinese answer is not marked wrong for its full stop."""
+    text = "".join(" " if _is_punctuation(ch) else ch for ch in text.lower())
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Words for F1: whitespace-separated words, with every Chinese character a word of its own
+    (SQuAD splits on spaces only, which would make a Chinese answer one word)."""
+    return re.findall(r"[\u4e00-\u9fff]|[^\s\u4e00-\u9fff]+", normalize_answer(text))
+
+
+def exact_match_score(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def f1_score(prediction: str, reference: str) -> float:
+    predicted, expected = answer_tokens(prediction), answer_tokens(reference)
+    overlap = sum((Counter(predicted) & Counter(expected)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_over_references(metric, prediction: str, references: Sequence[str]) -> float:
+    """A prediction scores its best match among the accepted answers (0 when there are none)."""
+    return max((metric(prediction, r) for r in references), default=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import json
 import mmap
 import os
 import signal
@@ -270,3 +271,20 @@ def test_chat_under_torchrun_follows_rank0_input_and_prints_once(chat_model, mon
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == want
     assert want.count("GLM: ") == 2 and "(conversation cleared)" in want
+
+
+@pytest.mark.slow
+def test_eval_harness_under_torchrun_equals_tp1(chat_model, tmp_path):
+    """`glmkit eval --tp 2`: multiple choice, generation and perplexity give TP=1's numbers, written once."""
+    options = ["eval", "capitals", "arithmetic", "heldout-text", "--model", str(chat_model), "--limit", "3",
+               "--no-progress"]
+    assert cli_main([*options, "--json", str(tmp_path / "tp1.json")]) == 0
+    done = torchrun(2, "-m", "glmkit", *options, "--json", str(tmp_path / "tp2.json"), "--tp", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    want, got = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("tp1", "tp2"))
+    assert [(r["task"], r["group"], r["metric"], r["n"]) for r in got] == \
+        [(r["task"], r["group"], r["metric"], r["n"]) for r in want]
+    for w, g in zip(want, got, strict=True):
+        assert g["value"] == pytest.approx(w["value"], rel=1e-4, abs=1e-4), (w, g)
+    # The table is printed by rank 0 alone: each capitals row once.
+    assert done.stdout.count("capitals") == sum(r["task"] == "capitals" for r in want)
