@@ -323,7 +323,7 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         if path.suffix == ".pt":  # a SAT rank file
             from glmkit import sat
 
-            yield from ((n, t) for n, t in sat._load_rank(path).items() if not sat._ignored(n))
+            yield from ((n, t) for n, t in sat.load_rank(path).items() if not sat.ignored(n))
         elif path.suffix != ".safetensors":
             yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
         else:

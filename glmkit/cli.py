@@ -75,6 +75,12 @@ def from_rank0(value, tp: int):
     return tp_lib.broadcast_object(value if tp_lib.rank() == 0 else None) if tp > 1 else value
 
 
+def text_argument(words: list[str], tp: int) -> str:
+    """The words of the command line, or stdin for `-` (read by rank 0 alone under --tp)."""
+    reads_stdin = words == ["-"] and tp_lib.rank() == 0
+    return from_rank0(sys.stdin.read() if reads_stdin else " ".join(words), tp)
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
     group = parser.add_argument_group("sampling")
     parser.set_defaults(sample_by_default=sample_by_default)
@@ -197,13 +203,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(args, progress=False)
-    reads_stdin = args.prompt == ["-"] and tp_lib.rank() == 0
-    prompt = from_rank0(sys.stdin.read() if reads_stdin else " ".join(args.prompt), args.tp)
+    prompt = text_argument(args.prompt, args.tp)
     from glmkit.chat import stream_text
     from glmkit.generation import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
-                            stop=tuple(args.stop), **sampling_kwargs(args))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), **sampling_kwargs(args))
     printed = ""
     for text in stream_text(model, tokenizer, tokenizer.encode(prompt), params):
         sys.stdout.write(text[len(printed):])
@@ -217,8 +221,8 @@ def cmd_infill(args: argparse.Namespace) -> int:
     from glmkit.generation import SamplingParams
     from glmkit.infill import fill_text
 
-    text = sys.stdin.read() if args.text == ["-"] else " ".join(args.text)
     model, tokenizer = load_from_args(args, progress=False)
+    text = text_argument(args.text, args.tp)
     filled = fill_text(model, tokenizer, text, SamplingParams(max_new_tokens=args.max_new_tokens,
                                                               **sampling_kwargs(args)))
     if args.json:

@@ -121,7 +121,7 @@ def rank_files(directory: Path) -> list[Path]:
     return [found[r] for r in sorted(found)]
 
 
-def _load_rank(path: Path) -> dict[str, torch.Tensor]:
+def load_rank(path: Path) -> dict[str, torch.Tensor]:
     # weights_only: a .pt is a pickle, and pickles from the internet must not run code.
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -139,10 +139,10 @@ def _load_rank(path: Path) -> dict[str, torch.Tensor]:
 
 def open_checkpoint(src: str | Path) -> SatCheckpoint:
     directory = iteration_directory(Path(src).expanduser())
-    return SatCheckpoint(directory, [_load_rank(path) for path in rank_files(directory)])
+    return SatCheckpoint(directory, [load_rank(path) for path in rank_files(directory)])
 
 
-def _ignored(name: str) -> bool:
+def ignored(name: str) -> bool:
     """Buffers and tables the checkpoint stores that GLM-130B does not use: the rotary inv_freq (glmkit
     computes it) and SAT's learned position table (GLM-130B's positions are rotary only)."""
     return name.endswith(".inv_freq") or name == "transformer.position_embeddings.weight"
@@ -173,7 +173,7 @@ def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...], 
 
 def check_against(checkpoint: SatCheckpoint, config: GLMConfig, expected: dict[str, torch.Size]) -> None:
     """Every name, layer and shape against the arguments, before anything is written."""
-    names = [n for n in checkpoint.ranks[0] if not _ignored(n)]
+    names = [n for n in checkpoint.ranks[0] if not ignored(n)]
     if any(n.endswith(".weight_scale") for n in names):
         raise SatCheckpointError("this is a quantized SAT checkpoint (weight_scale); convert the fp16 one, then "
                                  "quantize with `glmkit quantize`")
