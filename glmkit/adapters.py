@@ -133,15 +133,11 @@ def add_prefix(model: GLM, pre_seq_len: int, prefix_projection: bool = False) ->
     if model.transformer.prefix_encoder is not None:
         raise AdapterError("the model already has a P-Tuning prefix; merge or drop it before adding another")
     model.config.pre_seq_len, model.config.prefix_projection = pre_seq_len, prefix_projection
-    encoder = PrefixEncoder(model.config).to(device=model.device, dtype=_float_model_dtype(model))
+    encoder = PrefixEncoder(model.config).to(device=model.device, dtype=model.dtype)
     encoder.train(model.training)  # a model loaded for inference must not get a prefix with dropout on
     nn.init.normal_(encoder.embedding.weight, std=0.02)
     model.transformer.prefix_encoder = encoder
     return encoder
-
-
-def _float_model_dtype(model: GLM) -> torch.dtype:
-    return model.transformer.word_embeddings.weight.dtype
 
 
 def adapter_kind(model: GLM) -> str | None:

@@ -46,11 +46,13 @@ class GLMForCausalLM(GLM):
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         progress: bool = True, quantize: int | None = None, group_size: int | None = None,
         adapter: str | Path | None = None, tp: int = 1, tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
+        quantize_embeddings: bool = False,
     ) -> GLMForCausalLM:
         """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
 
         quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
         per scale, 128 by default); a checkpoint saved quantized loads quantized without it.
+        quantize_embeddings=True also stores the word embedding and output table as INT8 rows.
         adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
         scripts) applied on top, after quantizing.
         tp=N: this process is one of N torchrun ranks (every rank calls this alike); it joins the job
@@ -60,7 +62,8 @@ class GLMForCausalLM(GLM):
                 raise tp_lib.TPError("adapters are not sharded: fold it in first (glmkit merge), then load with --tp")
             device = tp_lib.init(tp, device, tp_timeout)
         model = load_model(path, dtype=dtype, device=device, progress=progress and tp_lib.rank() == 0,
-                           model_class=cls, quantize=quantize, group_size=group_size, tp=tp)
+                           model_class=cls, quantize=quantize, group_size=group_size, tp=tp,
+                           quantize_embeddings=quantize_embeddings)
         if adapter is not None:
             load_adapter(model, adapter)
         return model
@@ -113,12 +116,13 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
-    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
+    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool = False,
 ) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
-                                           adapter=adapter, tp=tp, tp_timeout=tp_timeout)
+                                           adapter=adapter, tp=tp, tp_timeout=tp_timeout,
+                                           quantize_embeddings=quantize_embeddings)
     tokenizer = ChatGLMTokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

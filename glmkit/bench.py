@@ -24,7 +24,14 @@ from torch import nn
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig, preset
 from glmkit.generation import decode_one_token, prefill
-from glmkit.quantize import QuantizedLinear, block_linears, default_group, group_for, record_quantization
+from glmkit.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    block_linears,
+    default_group,
+    group_for,
+    record_quantization,
+)
 
 SHAPES = {
     "chatglm-6b": lambda: preset("chatglm-6b"),
@@ -34,9 +41,11 @@ SHAPES = {
 }
 
 
-def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int = 0) -> GLMForCausalLM:
+def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int = 0,
+                 embeddings: bool = False) -> GLMForCausalLM:
     """A model of `config`'s shape with random weights, materialised one tensor at a time; with `bits`,
-    the block linears are created quantized (random integers), never in full precision."""
+    the block linears are created quantized (random integers), never in full precision, and with
+    `embeddings` the embedding table too (INT8 rows)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GLMForCausalLM(config)
@@ -46,6 +55,14 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
         for parent, attr, child in block_linears(model):
             setattr(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
         record_quantization(model, bits, group)
+    if embeddings:
+        table = QuantizedEmbedding(config.vocab_size, config.hidden_size, dtype)
+        table.weight.random_(-127, 128)
+        table.weight_scale.fill_(std / 127 * 2)
+        model.transformer.word_embeddings = table
+        if not config.tie_word_embeddings:
+            model.lm_head = random_quantized(model.lm_head, 8, 0, dtype, std)
+        config.quantization_embedding_bit = 8
     for module in list(model.modules()):
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
@@ -59,7 +76,7 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
                 value.normal_(0.0, std)
             module._parameters[name] = nn.Parameter(value, requires_grad=False)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+        model.tie_output()
     return model.eval()
 
 
@@ -120,15 +137,16 @@ def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
 
 
 def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
-        repeats: int = 3) -> dict:
+        repeats: int = 3, embeddings: bool = False) -> dict:
     """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
     torch_dtype = getattr(torch, dtype)
     config = SHAPES[shape]()
     start = time.perf_counter()
-    model = random_model(config, torch_dtype, bits)
+    model = random_model(config, torch_dtype, bits, embeddings=embeddings)
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     result: dict = {
-        "shape": shape, "bits": bits or None, "dtype": dtype, "threads": torch.get_num_threads(),
+        "shape": shape, "bits": bits or None, "embedding_bits": 8 if embeddings else None, "dtype": dtype,
+        "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()) + quantized,
         "build_s": round(time.perf_counter() - start, 2),
     }

@@ -34,9 +34,11 @@ from glmkit.quantize import (
     QuantizedLinear,
     default_group,
     group_for,
+    quantized_embedding_layout,
     quantized_layout,
     record_quantization,
 )
+from glmkit.quantize import quantize_embeddings as quantize_embeddings_in_place
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -129,20 +131,21 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
                  quantize: tuple[int, int] | None = None, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 reduce_absmax: Callable | None = None) -> None:
+                 reduce_absmax: Callable | None = None, quantize_embeddings: bool = False) -> None:
     """Fill a meta-device model from the directory's shards, one shard at a time.
 
     With `quantize=(bits, group)`, each block linear is quantized as soon as its weight and bias are
     in, so peak memory stays near the quantized model's size, not the full-precision one's. `tensors`
     replaces reading every file (tensor parallelism passes the rank's slices); `reduce_absmax(module,
-    group)` may give a function that completes a per-row absmax held in parts across ranks."""
+    group)` may give a function that completes a per-row absmax held in parts across ranks.
+    `quantize_embeddings` turns the embedding (and output) table into INT8 once it is in."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight", None)
+    if tied:  # the output layer is the embedding table: stored once, under the embedding's names
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
     seen: set[str] = set()
     for name, tensor in read_all(directory, progress) if tensors is None else tensors:
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
         if name not in expected:
             raise CheckpointError(
@@ -158,7 +161,10 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{directory} lacks weights for {shown}; the checkpoint is incomplete")
     if tied:
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+        model.tie_output()
+    if quantize_embeddings:
+        quantize_embeddings_in_place(model)
+        release_freed_memory()
 
 
 def read_all(directory: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -205,7 +211,7 @@ _LIBC = _load_libc()
 
 
 def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
-                          reduce_absmax: Callable | None = None) -> None:
+                          reduce_absmax: Callable | None = None, quantize_embeddings: bool = False) -> None:
     parent_name, _, attr = module_name.rpartition(".")
     module = model.get_submodule(module_name)
     complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
@@ -227,11 +233,13 @@ def load_model(
     quantize: int | None = None,
     group_size: int | None = None,
     tp: int = 1,
+    quantize_embeddings: bool = False,
 ) -> GLM:
     """A model from a directory in the official layout; `quantize=4|8` quantizes while loading.
 
     tp > 1: this process is one of `tp` ranks (tp.init has run); it builds its shard on the meta device
-    and reads only its slices of the checkpoint, whatever tensor-parallel size it was saved at."""
+    and reads only its slices of the checkpoint, whatever tensor-parallel size it was saved at.
+    quantize_embeddings: INT8 word embedding (and output layer), also without `quantize`."""
     directory = Path(path).expanduser()
     config = read_config(directory)
     device = torch.device(device)
@@ -240,6 +248,10 @@ def load_model(
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{directory} is already quantized to {stored_bits} bits; it cannot be loaded as "
                               f"{quantize}-bit (quantize the full-precision checkpoint instead)")
+    embedding_bits = config.quantization_embedding_bit
+    if tp > 1 and (embedding_bits or quantize_embeddings):
+        raise tp_lib.TPError("INT8 embeddings are not sharded yet: load a checkpoint with full-precision "
+                             "embeddings (glmkit quantize without --embeddings) to use --tp")
     with torch.device("meta"):
         model = model_class(config)
     rank = tp_lib.rank() if tp > 1 else 0
@@ -249,6 +261,8 @@ def load_model(
         tp_lib.apply_tp(model, rank, tp)
     if stored_bits:
         quantized_layout(model, stored_bits, config.quantization_group_size, dtype)
+    if embedding_bits:
+        quantized_embedding_layout(model, dtype)
     on_load = None
     if quantize and not stored_bits:
         group = default_group(quantize) if group_size is None else group_size
@@ -258,7 +272,8 @@ def load_model(
     plain = stored_tp_size(config) == 1 and not (directory / "latest").is_file()
     tensors = None if tp == 1 and plain else local_tensors(directory, config, rank, tp)
     load_weights(model, directory, dtype, device, progress, quantize=on_load, tensors=tensors,
-                 reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None)
+                 reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None,
+                 quantize_embeddings=quantize_embeddings and not embedding_bits)
     if on_load:
         record_quantization(model, *on_load)
     model.name_or_path = str(directory)
@@ -418,7 +433,7 @@ def save_model(
     state = {
         name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
         for name, t in model.state_dict().items()
-        if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+        if not (model.config.tie_word_embeddings and name.startswith("lm_head."))
     }
     plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
     write_weights(directory, plan, state.__getitem__, safe_serialization)
@@ -454,7 +469,8 @@ def describe(path: str | Path) -> dict:
         for name, shape, dtype in _tensor_headers(file):
             if name.endswith(".weight_scale"):
                 continue  # quantization metadata, not parameters
-            packed = config.quantization_bit == 4 and "int8" in dtype.lower() and name.endswith(".weight")
+            packed = (config.quantization_bit == 4 and "int8" in dtype.lower() and name.endswith(".weight")
+                      and ".layers." in name)  # INT8 embedding rows are not packed
             count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
             dtypes.add(dtype)
     return {

@@ -27,7 +27,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 OPTIONAL_TOKEN_IDS = ("smask_token_id", "text_eos_token_id")
 # glmkit keys left out of config.json at these values (GLM-130B's additions).
-OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False}
+OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False,
+                                  "quantization_embedding_bit": 0}
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,9 @@ class GLMConfig:
     # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
     quantization_bit: int = 0
     quantization_group_size: int = 0
+    # glmkit's: 8 stores the word embedding (and the tied output layer with it) as INT8 rows, one scale
+    # per token. (The official int4-qe variant packs it to INT4 under the key quantization_embeddings.)
+    quantization_embedding_bit: int = 0
     # P-Tuning v2 (official keys): a trained prefix of `pre_seq_len` keys/values in front of every
     # layer's attention, from an embedding, or from an MLP over it with `prefix_projection`.
     pre_seq_len: int | None = None
@@ -95,6 +99,8 @@ class GLMConfig:
             raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
         if self.quantization_bit not in (0, 4, 8):
             raise ConfigError(f"quantization_bit {self.quantization_bit} is not 0, 4 or 8")
+        if self.quantization_embedding_bit not in (0, 8):
+            raise ConfigError(f"quantization_embedding_bit {self.quantization_embedding_bit} is not 0 or 8")
         if self.pre_seq_len is not None and self.pre_seq_len < 1:
             raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:

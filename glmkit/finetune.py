@@ -154,7 +154,7 @@ def prepare(model: GLM, config: FinetuneConfig) -> None:
     """Attach the method's trainable parts and freeze the rest."""
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {config.method!r}")
-    if config.method == "full" and model.config.quantization_bit:
+    if config.method == "full" and (model.config.quantization_bit or model.config.quantization_embedding_bit):
         raise ValueError("full fine-tuning needs a full-precision model: load it without --quantize, or train "
                          "LoRA or P-Tuning on the quantized base")
     torch.manual_seed(config.train.seed)  # the adapter's initial weights are part of the run

@@ -337,7 +337,15 @@ class GLM(nn.Module):
         self.transformer = GLMTransformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+            self.tie_output()
+
+    def tie_output(self) -> None:
+        """Point the output layer at the embedding table again (after loading or swapping the table)."""
+        embedding = self.transformer.word_embeddings
+        if hasattr(embedding, "output_layer"):  # an INT8 table (glmkit.quantize): a layer over its buffers
+            self.lm_head = embedding.output_layer()
+        else:
+            self.lm_head.weight = embedding.weight
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -350,7 +358,8 @@ class GLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.word_embeddings.weight.dtype
+        """The activations' dtype (the embedding table may be stored as int8)."""
+        return self.transformer.final_layernorm.weight.dtype
 
     def forward(
         self,

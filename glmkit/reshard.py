@@ -69,6 +69,9 @@ def check_shardable(config: GLMConfig, tp: int) -> None:
                               f"or is a multiple of it (or to 1 first, then to {tp})")
     if tp == 1:
         return
+    if config.quantization_embedding_bit:
+        raise CheckpointError("INT8 embeddings are not sharded yet: reshard a checkpoint quantized without "
+                              "--embeddings")
     with torch.device("meta"):
         model = GLM(config)
     tp_lib.apply_tp(model, 0, tp)

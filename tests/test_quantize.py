@@ -207,3 +207,89 @@ def test_shapes_the_cpu_kernel_cannot_take_fall_back_to_dequantizing():
     out = quantized(x)
     assert quantized._kernel[0] == "dequantize"
     assert torch.allclose(out, F.linear(x, quantized.dequantized_weight(), layer.bias.data), atol=1e-5)
+
+
+def test_int8_embeddings_look_up_and_project_with_the_spec_rows():
+    """Each token's row is quantized by the spec's rule (one scale per row); the tied output layer uses
+    the same int8 table, and the logits equal hidden @ dequantized_table^T."""
+    from glmkit.quantize import quantize_embeddings
+
+    model = random_model(tiny_config())
+    table = model.transformer.word_embeddings.weight.detach().clone()
+    quantize_embeddings(model)
+    q, scales = spec_quantize(table, 8)
+    embedding = model.transformer.word_embeddings
+    assert torch.equal(embedding.weight, q) and torch.allclose(embedding.weight_scale, scales[:, 0].float())
+    assert model.lm_head.weight is embedding.weight  # stored once
+    ids = torch.tensor([[3, 17, 255]])
+    assert torch.allclose(embedding(ids), (q.float() * scales)[ids], atol=1e-6)
+    hidden = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(hidden), hidden @ (q.float() * scales).T, atol=1e-4)
+    full = logits(random_model(tiny_config()))
+    assert (logits(model) - full).abs().max() < 0.05 * full.abs().max()  # close, not equal
+    assert model.config.quantization_embedding_bit == 8
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_embeddings_save_load_and_quantize_on_load(tmp_path, tied):
+    from glmkit.quantize import quantize_embeddings
+
+    config = tiny_config(tie_word_embeddings=tied)
+    random_model(config).save_pretrained(tmp_path / "fp", dtype="float32")
+    offline = quantize_embeddings(quantize_model(random_model(config), 8))
+    on_load = GLMForCausalLM.from_pretrained(tmp_path / "fp", progress=False, quantize=8, quantize_embeddings=True)
+    assert torch.equal(logits(on_load), logits(offline))
+    on_load.save_pretrained(tmp_path / "q", dtype="float32")
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert stored["transformer.word_embeddings.weight"].dtype == torch.int8
+    assert ("lm_head.weight" in stored) == (not tied) and ("lm_head.weight_scale" in stored) == (not tied)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_embedding_bit"] == 8
+    reloaded = GLMForCausalLM.from_pretrained(tmp_path / "q", progress=False)
+    assert torch.equal(logits(reloaded), logits(offline))
+    if tied:
+        assert reloaded.lm_head.weight is reloaded.transformer.word_embeddings.weight
+
+
+def test_cli_quantize_embeddings_shrinks_the_table(tmp_path, capsys):
+    random_model(tiny_config(vocab_size=2048, hidden_size=128, inner_hidden_size=512)).save_pretrained(
+        tmp_path / "fp", dtype="float32")
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q"), "--bits", "8", "--embeddings",
+                 "--dtype", "float32"]) == 0
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q0"), "--bits", "8", "--dtype", "float32"]) == 0
+    with_table, without = (load_file(tmp_path / d / "model.safetensors")["transformer.word_embeddings.weight"]
+                           for d in ("q", "q0"))
+    assert with_table.element_size() * 4 == without.element_size()
+    assert "quantization_embedding_bit" not in json.loads((tmp_path / "q0" / "config.json").read_text())
+
+
+def test_int8_embeddings_keep_the_demo_model_answers():
+    import glmkit
+
+    questions = ["What is the capital of France?", "法国的首都是哪里？", "How do you say 'water' in Chinese?",
+                 "“朋友”用英语怎么说？", "Who are you?", "你是谁？"]
+    full, tokenizer = glmkit.load(progress=False)
+    quantized, _ = glmkit.load(progress=False, quantize=8, quantize_embeddings=True)
+    assert isinstance(quantized.transformer.word_embeddings, glmkit.quantize.QuantizedEmbedding)
+    assert [quantized.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] for q in questions] == \
+        [full.chat(tokenizer, q, do_sample=False, max_new_tokens=40)[0] for q in questions]
+
+
+def test_int8_embeddings_under_tensor_parallelism_are_refused_before_loading(tmp_path):
+    from glmkit.checkpoint import load_model
+    from glmkit.tp import TPError
+
+    random_model(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(TPError, match="INT8 embeddings are not sharded"):
+        load_model(tmp_path, tp=2, quantize_embeddings=True)
+
+
+def test_info_counts_int8_embedding_rows_once(tmp_path, capsys):
+    from glmkit.quantize import quantize_embeddings
+
+    model = random_model(tiny_config(hidden_size=128, inner_hidden_size=512))
+    parameters = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    quantize_embeddings(quantize_model(model, 4)).save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"{parameters:,}" in text and "INT8 word embedding and output layer" in text
