@@ -66,6 +66,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
 
 
+def kernel_int4_values(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu`: int8 values [out, in] in [-8, 7].
+
+    The CPU packing is a tiled layout that PyTorch does not document (and may tile differently per
+    CPU), so it is learned, not assumed: packing the base-16 digits of every element's index shows
+    which element each output nibble holds. Used only to save a layer whose stored copy was freed."""
+    count = out_features * in_features
+    index = torch.arange(count, dtype=torch.int64).reshape(out_features, in_features)
+    low = torch.zeros(packed.shape, dtype=torch.int64)
+    high = torch.zeros(packed.shape, dtype=torch.int64)
+    digit = 0
+    while 16 ** digit < count:
+        plane = ((index >> (4 * digit)) & 0xF).to(torch.int32).contiguous()
+        nibbles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane, 1).to(torch.int64)
+        low |= (nibbles & 0xF) << (4 * digit)
+        high |= ((nibbles >> 4) & 0xF) << (4 * digit)
+        digit += 1
+    unsigned = torch.empty(count, dtype=torch.int8)
+    data = packed.cpu().to(torch.int32)
+    unsigned[low.flatten()] = (data & 0xF).flatten().to(torch.int8)
+    unsigned[high.flatten()] = ((data >> 4) & 0xF).flatten().to(torch.int8)
+    return (unsigned - 8).reshape(out_features, in_features)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 weight from int8 values [out, in] and scales [out] or [out, groups]."""
     out_features, in_features = q.shape
@@ -110,10 +134,29 @@ class QuantizedLinear(nn.Module):
     def int_values(self) -> torch.Tensor:
         return unpack_int4(self.weight) if self.bits == 4 else self.weight
 
+    def __getattr__(self, name: str):
+        # An INT4 layer that runs in the CPU kernel with bf16 activations frees its stored (official)
+        # copy: the kernel's packing alone serves every row count. Anything that asks for `weight`
+        # gets it back, rebuilt from that packing.
+        if name == "weight" and self.__dict__.get("_buffers", {}).get("weight", 0) is None:
+            self._buffers["weight"] = self._stored_from_kernel()
+        return super().__getattr__(name)
+
+    def _stored_from_kernel(self) -> torch.Tensor:
+        """The official packed int8 weight, rebuilt from the kernel's copy."""
+        _, packed, *_ = self._kernel
+        return pack_int4(kernel_int4_values(packed, self.out_features, self.in_features)).to(packed.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._buffers.get("weight", 0) is None:  # saved from the kernel's copy, not kept
+            destination[prefix + "weight"] = self._stored_from_kernel()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.int_values(), self.weight_scale)
 
     def _apply(self, fn, recurse=True):  # moving or casting the layer invalidates the kernel packing
+        self.int_values()  # brings back a freed stored copy first
         self._kernel = None
         return super()._apply(fn, recurse)
 
@@ -162,6 +205,8 @@ class QuantizedLinear(nn.Module):
             unsigned = (self.int_values().to(torch.int32) + 8).contiguous()
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
             scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).transpose(0, 1).contiguous()
+            if x.dtype == torch.bfloat16:  # the kernel serves every row count: one copy is enough
+                self._buffers["weight"] = None
             return ("int4", packed, group, scales_and_zeros.to(x.dtype), x.dtype)
         return ("dequantize", x.dtype)
 

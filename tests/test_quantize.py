@@ -293,3 +293,22 @@ def test_info_counts_int8_embedding_rows_once(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert f"{parameters:,}" in text and "INT8 word embedding and output layer" in text
+
+
+def test_int4_in_the_bf16_kernel_keeps_one_copy_and_saves_the_official_layout(tmp_path):
+    """After a bf16 forward the stored copy is freed (the kernel's packing serves every row count); saving,
+    moving and fp32 forwards bring back exactly the official bytes."""
+    model = quantize_model(random_model(tiny_config(hidden_size=128, inner_hidden_size=512)), 4, 64)
+    stored = {n: b.clone() for n, b in model.state_dict().items() if b.dtype == torch.int8}
+    layer = model.transformer.layers[0].mlp.dense_h_to_4h
+    with torch.no_grad():
+        before = model.to(torch.bfloat16)(IDS).logits
+        again = model(IDS).logits
+    assert layer._buffers["weight"] is None  # one copy in memory
+    assert torch.equal(before, again)
+    assert all(torch.equal(model.state_dict()[n], b) for n, b in stored.items())
+    model.save_pretrained(tmp_path, dtype="bfloat16")
+    reloaded = GLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, before)
+    assert torch.equal(layer.weight, stored["transformer.layers.0.mlp.dense_h_to_4h.weight"])  # asked for: back
