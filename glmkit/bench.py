@@ -64,6 +64,8 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
             model.lm_head = random_quantized(model.lm_head, 8, 0, dtype, std)
         config.quantization_embedding_bit = 8
     for module in list(model.modules()):
+        if config.tie_word_embeddings and module is model.lm_head:
+            continue  # the embedding table itself, tied below: never a second copy, not even for a moment
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
                 continue

@@ -66,6 +66,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
 
 
+def cpu_kernel_int4_pack(stored: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """The CPU kernel's packing of an official INT4 weight [out, in/2], a block of rows at a time.
+
+    The kernel takes unsigned nibbles as int32, 8 bytes per weight: whole, a 16384 x 4096 layer
+    would need a 0.5 GB transient. Its tiles are 32 or 64 rows, so blocks of 1024 rows pack alike.
+    The kernel's asymmetric form is w = (u - 8) * scale + zero with u in [0, 15]; ours has zero = 0."""
+    blocks = []
+    for start in range(0, stored.shape[0], rows_per_chunk):
+        unsigned = unpack_int4(stored[start:start + rows_per_chunk]).to(torch.int32)
+        unsigned += 8
+        blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1))
+    return torch.cat(blocks)
+
+
 def kernel_int4_values(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of `_convert_weight_to_int4pack_for_cpu`: int8 values [out, in] in [-8, 7].
 
@@ -201,9 +215,7 @@ class QuantizedLinear(nn.Module):
             scale = self.weight_scale.float()
             if not self.group_size:  # one scale per row (official), replicated over the kernel's groups
                 scale = scale[:, None].expand(-1, self.in_features // group)
-            # The kernel's asymmetric form: w = (u - 8) * scale + zero with u in [0, 15]; ours has zero = 0.
-            unsigned = (self.int_values().to(torch.int32) + 8).contiguous()
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+            packed = cpu_kernel_int4_pack(self.weight)
             scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).transpose(0, 1).contiguous()
             if x.dtype == torch.bfloat16:  # the kernel serves every row count: one copy is enough
                 self._buffers["weight"] = None

@@ -312,3 +312,13 @@ def test_int4_in_the_bf16_kernel_keeps_one_copy_and_saves_the_official_layout(tm
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, before)
     assert torch.equal(layer.weight, stored["transformer.layers.0.mlp.dense_h_to_4h.weight"])  # asked for: back
+
+
+def test_the_cpu_kernel_packing_by_row_blocks_equals_packing_whole():
+    from glmkit.quantize import cpu_kernel_int4_pack, pack_int4
+
+    torch.manual_seed(0)
+    values = torch.randint(-8, 8, (1024 + 48, 256), dtype=torch.int8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu((values.to(torch.int32) + 8).contiguous(), 1)
+    assert torch.equal(cpu_kernel_int4_pack(pack_int4(values)), whole)
+    assert torch.equal(cpu_kernel_int4_pack(pack_int4(values), rows_per_chunk=64), whole)
