@@ -30,6 +30,7 @@ from glmkit.beam import search
 from glmkit.chat import Tokenizer
 from glmkit.generation import SamplingParams, ban_tokens, make_generator, process_logits, sample
 from glmkit.model import GLM
+from glmkit.positions import positions_1d, positions_2d
 
 BLANK = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
 
@@ -76,21 +77,22 @@ class Infill:
         self.seen[0, part_a] = True
         self.generator = make_generator(params.seed, model.device)
 
+    def layout(self, blank: int, length: int) -> torch.Tensor:
+        """[P, n + length]: positions of Part A followed by `length` tokens of the block for the blank at
+        index `blank`, as glmkit.positions lays out a prompt whose only blank is that one."""
+        n = len(self.part_a)
+        if self.model.config.position_encoding_2d:
+            return positions_2d(n + length, n, blank).to(self.model.device)
+        frozen_at = None if self.part_a[blank] == self.ids.gmask else blank
+        return positions_1d(n + length, n, frozen_at).to(self.model.device)
+
     def context_positions(self) -> torch.Tensor:
         """[1, P, n]: Part A counts 0..n-1 (block position 0 under 2D)."""
-        position = torch.arange(len(self.part_a), device=self.model.device)
-        if self.model.config.position_encoding_2d:
-            return torch.stack([position, torch.zeros_like(position)])[None]
-        return position[None, None]
+        return self.layout(0, 0)[None]
 
     def positions(self, blank: int, first: int, count: int) -> torch.Tensor:
         """[1, P, count]: positions of tokens first..first+count-1 of the block for the blank at index `blank`."""
-        j = torch.arange(first, first + count, device=self.model.device)
-        if self.model.config.position_encoding_2d:
-            return torch.stack([torch.full_like(j, blank), j + 1])[None]
-        if self.part_a[blank] == self.ids.gmask:
-            return (len(self.part_a) + j)[None, None]
-        return torch.full_like(j, blank)[None, None]
+        return self.layout(blank, first + count)[None, :, len(self.part_a) + first:]
 
     def feed(self, tokens: torch.Tensor, positions: torch.Tensor, bidirectional: bool = False) -> torch.Tensor:
         """Write tokens [R, S] at the end of the cache; return the last logits [R, V]."""

@@ -285,7 +285,7 @@ def quantize_embeddings(model: nn.Module) -> nn.Module:
     if isinstance(embedding, nn.Embedding):
         model.transformer.word_embeddings = QuantizedEmbedding.from_embedding(embedding)
     if model.config.tie_word_embeddings:
-        model.lm_head = model.transformer.word_embeddings.output_layer()
+        model.tie_output()
     elif isinstance(model.lm_head, nn.Linear):
         model.lm_head = QuantizedLinear.from_linear(model.lm_head, 8)
     model.config.quantization_embedding_bit = 8
@@ -299,7 +299,7 @@ def quantized_embedding_layout(model: nn.Module, dtype: torch.dtype) -> nn.Modul
     model.transformer.word_embeddings = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim,
                                                            dtype=dtype, device=device)
     if model.config.tie_word_embeddings:
-        model.lm_head = model.transformer.word_embeddings.output_layer()
+        model.tie_output()
     else:
         head = model.lm_head
         model.lm_head = QuantizedLinear(head.in_features, head.out_features, 8, bias=False, dtype=dtype, device=device)
