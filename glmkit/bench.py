@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit import kernels
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig, preset
 from glmkit.generation import decode_one_token, prefill
@@ -149,6 +150,7 @@ def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: i
     result: dict = {
         "shape": shape, "bits": bits or None, "embedding_bits": 8 if embeddings else None, "dtype": dtype,
         "threads": torch.get_num_threads(),
+        "kernels": "glmkit native (int8 activations)" if bits and kernels.available() else "pytorch",
         "parameters": sum(p.numel() for p in model.parameters()) + quantized,
         "build_s": round(time.perf_counter() - start, 2),
     }

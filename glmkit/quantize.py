@@ -8,9 +8,11 @@ One on-disk format, the official one (THUDM/chatglm-6b-int4, -int8), generalised
   `quantization_group_size` input columns, glmkit's INT4 default (per-row INT4 loses too much).
 So an official checkpoint is the special case of a single group per row, and loads with the same code.
 
-The matmul uses PyTorch's weight-only kernels where they apply (`_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` on CPU); anywhere else the layer dequantizes its weight on the fly,
-which is correct everywhere and saves memory, not time.
+On CPU the matmul runs in glmkit's native kernels (`glmkit/kernels`: integer dot products on the
+stored official bytes, so one copy of the weights). Where they cannot run (no compiler, no AVX2, a
+shape not in blocks of 64) it uses PyTorch's weight-only ops (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`); anywhere else (CUDA included) the layer dequantizes its weight on the
+fly, which is correct everywhere and saves memory, not time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glmkit import kernels
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 BITS = (4, 8)
@@ -186,6 +190,9 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] @ W^T, by the fastest path for x's dtype and rows."""
+        prepared = self._kernel[0] if self._kernel is not None and self._kernel[-1] == x.dtype else None
+        if prepared == "native" or prepared is None and self._native_kernel_serves(x):
+            return self._native_matmul(x)
         if x.shape[0] > DENSE_ABOVE_ROWS and x.dtype != torch.bfloat16:
             kind = "dequantize"  # decided before packing: prompts and training never build the kernel's copy
         else:
@@ -200,6 +207,18 @@ class QuantizedLinear(nn.Module):
         else:
             out = F.linear(x, self.dequantized_weight().to(x.dtype))
         return out
+
+    def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None or self._kernel[0] != "native" or self._kernel[-1] != x.dtype:  # scales once
+            scales = self.weight_scale
+            self._kernel = ("native", scales if scales.dtype in (torch.float32, torch.bfloat16) else scales.float(),
+                            x.dtype)
+        matmul = kernels.int4_matmul if self.bits == 4 else kernels.int8_matmul
+        return matmul(x, self.weight, self._kernel[1]).to(x.dtype)
+
+    def _native_kernel_serves(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and kernels.supports(self.in_features, self.group_size, self.bits) and kernels.available())
 
     def _prepare_kernel(self, x: torch.Tensor) -> tuple:
         """The fastest path for activations like x, as (kind, *its tensors, x.dtype); scales are

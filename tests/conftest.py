@@ -21,3 +21,12 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path) -> ChatGLMTokenizer:
     return ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture
+def pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized layers on PyTorch's weight-only ops (float activations) instead of glmkit's native
+    kernels (int8 activations): the path a machine without gcc or AVX2 takes, exact to the weights."""
+    from glmkit import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)

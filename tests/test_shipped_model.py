@@ -50,11 +50,12 @@ def test_the_shipped_model_answers_held_out_questions(demo):
     model, tokenizer = demo
     records = [dict(skill=s, lang=lang, prompt=q, history=h, response=a) for s, lang, q, h, a in HELD_OUT]
     report = exact_match(model, tokenizer, records, progress=False)
-    # A regression guard, not the target: the shipped model gets 13 of these 22 (the full held-out
-    # table is in its model card; issue 5's 90% targets are not met yet). Capitals and translation
-    # into English are its strongest skills.
-    assert report["all"]["accuracy"] >= 0.5, report["samples"]
-    assert report["capital/en"]["accuracy"] == 1.0 and report["translate/en"]["accuracy"] == 1.0, report["samples"]
+    # A regression guard set just under what the shipped model does: 21 of these 22 (the full held-out
+    # table is in its model card). Arithmetic, translation and English capitals are all right here;
+    # one Chinese capital question comes back with a stray "说" in front of the right answer.
+    assert report["all"]["accuracy"] >= 20 / 22, report["samples"]
+    for skill in ("arithmetic/en", "arithmetic/zh", "translate/en", "translate/zh", "capital/en"):
+        assert report[skill]["accuracy"] == 1.0, (skill, report["samples"])
     assert report["answer_language_match"] == {"en": 1.0, "zh": 1.0}
 
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import torch
 
-from glmkit import GLMForCausalLM, SamplingParams
+from glmkit import GLMForCausalLM, SamplingParams, kernels
 from glmkit.checkpoint import local_tensors, read_config
 from glmkit.cli import main as cli_main
 from glmkit.generation import generate
@@ -47,6 +47,19 @@ CASES_TP4 = {
     "glm130b-int4-on-load-per-row": "glm130b:4:0", "chatglm-resharded-tp2": "chatglm-tp2",
     "glm130b-sat-mp4": "sat-mp4",
 }
+
+
+@pytest.fixture(autouse=True)
+def float_activations(request, monkeypatch) -> None:
+    """Quantized cases compare ranks with TP=1 to 1e-4 on PyTorch's ops. glmkit's native kernels round
+    activations to int8 per 64 columns, and the tiny models' row-parallel shards (32 columns) are not
+    blocks of 64, so the two sides would take different paths; the test marked `native_kernels` uses
+    a model whose shards are whole blocks."""
+    if request.node.get_closest_marker("native_kernels") is None:
+        from glmkit import kernels
+
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        monkeypatch.setenv("GLMKIT_NATIVE_KERNELS", "0")
 
 
 def env() -> dict:
@@ -103,7 +116,8 @@ def check_against_tp1(models: Path, results: dict[str, dict], cases: dict[str, s
         assert torch.equal(got["sampled"], want["sampled"]), name
         for holding in got["ranks"]:  # nobody holds the whole model: about 1/tp of it plus the norms
             assert holding["bytes"] < want["bytes"] * (1 / tp + 0.1), (name, holding["bytes"], want["bytes"])
-    assert len(set(results["chatglm-fp32"]["tokens"][0, -8:].tolist())) > 2  # greedy paths that mean something
+    first = results[next(iter(cases))]["tokens"]
+    assert len(set(first[0, -8:].tolist())) > 2  # greedy paths that mean something
 
 
 def test_tp2_matches_tp1_for_every_architecture_and_precision(models, tmp_path):
@@ -115,6 +129,20 @@ def test_tp2_matches_tp1_for_every_architecture_and_precision(models, tmp_path):
     assert shapes["transformer.layers.0.mlp.dense_4h_to_h.weight"] == (64, 128 // 2)
     assert shapes["transformer.word_embeddings.weight"] == (256 // 2, 64)
     assert shapes["transformer.layers.0.input_layernorm.weight"] == (64,)
+
+
+@pytest.mark.native_kernels
+@pytest.mark.skipif(not kernels.available(), reason="glmkit's native kernels need gcc and AVX2/FMA")
+def test_tp2_with_native_kernels_matches_tp1(tmp_path):
+    """Shards of 64 columns at TP=2: every rank rounds the same activation blocks as TP=1."""
+    def config():
+        return tiny_config(hidden_size=128, inner_hidden_size=512, tie_word_embeddings=False)
+
+    quantize_model(random_model(config(), seed=4), 4, 64).save_pretrained(tmp_path / "int4", dtype="float32")
+    random_model(config(), seed=5).save_pretrained(tmp_path / "fp")
+    cases = {"int4-group64-stored": "int4", "int8-on-load": "fp:8"}
+    results = run_cases(tmp_path, 2, cases, tmp_path)
+    check_against_tp1(tmp_path, results, cases, 2)
 
 
 @pytest.mark.slow

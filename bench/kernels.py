@@ -1,0 +1,93 @@
+"""One quantized linear of a ChatGLM-6B shape, each matmul path timed alone: glmkit's native kernels
+(int8 activations), PyTorch's weight-only ops (float activations, what glmkit falls back to), and a
+dense matmul for scale. Medians over repeats, JSON on stdout.
+
+    python bench/kernels.py --threads 2 --rows 1 512 --out bench/results/kernels_chatglm-6b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glmkit import kernels  # noqa: E402
+from glmkit.bench import machine  # noqa: E402
+from glmkit.quantize import QuantizedLinear  # noqa: E402
+
+SHAPES = {"qkv 12288x4096": (12288, 4096), "h_to_4h 16384x4096": (16384, 4096), "4h_to_h 4096x16384": (4096, 16384)}
+
+
+def layer(out_features: int, in_features: int, bits: int) -> QuantizedLinear:
+    q = QuantizedLinear(in_features, out_features, bits, 128 if bits == 4 else 0, bias=False, dtype=torch.bfloat16)
+    q.weight.random_(-127, 128)
+    q.weight_scale.fill_(1e-3)
+    return q
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: the PyTorch int4 path packs its weights on first use
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 3)
+
+
+def measure(name: str, bits: int, rows: int, repeats: int) -> dict:
+    out_features, in_features = SHAPES[name]
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    result = {"layer": name, "bits": bits, "rows": rows}
+    native = layer(out_features, in_features, bits)
+    result["native_ms"] = median_ms(lambda: native(x), repeats)
+    stored_bytes = native.weight.numel()
+    result["native_weight_gb_per_s"] = round(stored_bytes / result["native_ms"] / 1e6, 1)
+    available = kernels.available
+    kernels.available = lambda: False  # the same layer class on PyTorch's ops
+    try:
+        fallback = layer(out_features, in_features, bits)
+        result["pytorch_bf16_ms"] = median_ms(lambda: fallback(x), repeats)
+    finally:
+        kernels.available = available
+    dense = torch.randn(out_features, in_features)
+    result["dense_fp32_ms"] = median_ms(lambda: x.float() @ dense.T, repeats)
+    result["native_speedup_over_pytorch"] = round(result["pytorch_bf16_ms"] / result["native_ms"], 2)
+    return result
+
+
+def read_bandwidth_gb_per_s(repeats: int = 5) -> float:
+    """What the machine can stream from memory: the ceiling for decoding, which reads every weight."""
+    data = torch.ones(2**28)  # 1 GiB
+    return round(max(data.numel() * 4 / median_ms(data.sum, 1) / 1e6 for _ in range(repeats)), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 512], help="activation rows (tokens)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--repeats", type=int, default=20, help="for 1 row; 512 rows use a fifth of it")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not kernels.available():
+        sys.exit("glmkit's native kernels are not available here (gcc, AVX2/FMA)")
+    results = [measure(name, bits, rows, max(3, args.repeats // (5 if rows > 16 else 1)))
+               for rows in args.rows for bits in args.bits for name in SHAPES]
+    text = json.dumps({"machine": machine(), "threads": args.threads,
+                       "read_bandwidth_gb_per_s": read_bandwidth_gb_per_s(), "results": results}, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
