@@ -172,7 +172,10 @@ def machine() -> dict:
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_kernels": kernels.cpu_isas()[-1] if kernels.available() else None,
+            "bf16_prompts": kernels.available() and kernels.dense_prompts()}
 
 
 def report(results: list[dict], as_json: bool) -> str:

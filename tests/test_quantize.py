@@ -66,14 +66,24 @@ def spec_quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason="glmkit's native kernels need gcc and AVX2/FMA")
+needs_avx512 = pytest.mark.skipif("avx512" not in kernels.cpu_isas(), reason="this CPU has no AVX-512 VNNI")
+# Each matmul path a quantized layer can take: PyTorch's ops, and each of the native kernel sets.
+NATIVE = [pytest.param("avx2", marks=needs_native), pytest.param("avx512", marks=needs_avx512)]
+PATHS = [pytest.param("pytorch"), *NATIVE]
+
+
+def take_path(path: str, request: pytest.FixtureRequest) -> None:
+    if path == "pytorch":
+        request.getfixturevalue("pytorch_ops")
+    else:
+        request.getfixturevalue("monkeypatch").setenv("GLMKIT_KERNEL_ISA", path)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 64), (4, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["pytorch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("path", PATHS)
 def test_quantized_matmul_matches_the_dequantized_reference(bits, group, dtype, path, request):
-    if path == "pytorch":
-        request.getfixturevalue("pytorch_ops")
+    take_path(path, request)
     layer = linear()
     quantized = QuantizedLinear.from_linear(layer, bits, group).to(dtype)
     q, scales = spec_quantize(layer.weight.data, bits, group)
@@ -82,19 +92,21 @@ def test_quantized_matmul_matches_the_dequantized_reference(bits, group, dtype, 
         reference_weight = (q.double().reshape(64, scales.shape[1], -1)
                             * scales.bfloat16().double().unsqueeze(-1)).reshape(64, 256)
     x = torch.randn(2, 7, 256).to(dtype)  # 14 rows: the kernel path in fp32 too (above 16, fp32 dequantizes)
-    multiplied = spec_quantize_activations(x) if path == "native" else x
+    multiplied = x if path == "pytorch" else spec_quantize_activations(x)
     expected = F.linear(multiplied.double(), reference_weight, layer.bias.data.double())
     out = quantized(x).double()
     tolerance = 1e-5 if dtype == torch.float32 else 0.02
     assert (out - expected).abs().max() <= tolerance * expected.abs().max()
-    assert quantized._kernel[0] == ("native" if path == "native" else "int8" if bits == 8 else "int4")
+    assert quantized._kernel[0] == (("int8" if bits == 8 else "int4") if path == "pytorch" else "native")
 
 
-@needs_native
-@pytest.mark.parametrize("bits,group,rows", [(4, 128, 1), (4, 0, 37), (8, 0, 19)])
-def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(bits, group, rows):
-    """Output rows not in fours (the kernels' tile) and many activation rows (chunks of 16); against the
-    float product, the error is what int8 activations cost: well under 1% here."""
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("bits,group,rows", [(4, 128, 1), (4, 0, 37), (8, 0, 19), (4, 256, 6), (8, 0, 4)])
+def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(bits, group, rows, path, request):
+    """Output rows not in fours (the kernels' tile), activation rows not in fours (the AVX-512 tile)
+    and many of them (chunks of 16); against the float product, the error is what int8 activations
+    cost: well under 1% here."""
+    take_path(path, request)
     layer = linear(out_features=4 * 9 + 3, in_features=512, seed=3)
     quantized = QuantizedLinear.from_linear(layer, bits, group)
     x = torch.randn(rows, 512)
@@ -103,6 +115,42 @@ def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(
     emulated = F.linear(spec_quantize_activations(x), quantized.dequantized_weight(), layer.bias.data)
     assert (out - emulated).abs().max() <= 1e-5 * exact.abs().max()
     assert 0 < (out - exact).abs().max() <= 0.01 * exact.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("bits,group", [(4, 0), (4, 64), (8, 0)])
+def test_bf16_dequantization_for_prompts_is_exact(bits, group, path, request):
+    """The prompt path's weights: each is q * scale rounded once to bf16, row ranges included."""
+    take_path(path, request)
+    quantized = QuantizedLinear.from_linear(linear(out_features=70, in_features=256, seed=5), bits, group)
+    expected = quantized.dequantized_weight().bfloat16()
+    assert torch.equal(kernels.dequantize_bf16(quantized.weight, quantized.weight_scale, bits, group or 256, 0, 70),
+                       expected)
+    assert torch.equal(kernels.dequantize_bf16(quantized.weight, quantized.weight_scale, bits, group or 256, 33, 51),
+                       expected[33:51])
+
+
+@needs_native
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0)])
+def test_long_prompts_multiply_in_bf16_where_that_is_fast(bits, group, monkeypatch):
+    """From DENSE_MIN_ROWS rows on (where the CPU has AMX) the layer multiplies bf16 weights in
+    chunks; forced on here with a chunk smaller than the layer, so the chunk edges are covered."""
+    monkeypatch.setattr(kernels, "dense_prompts", lambda: True)
+    monkeypatch.setattr(kernels, "DEQUANTIZE_CHUNK_BYTES", 2 * 512 * 16)  # 16 rows per chunk
+    chunks = []
+    dequantize_bf16 = kernels.dequantize_bf16
+    monkeypatch.setattr(kernels, "dequantize_bf16", lambda *a, **k: chunks.append(a[4:6]) or dequantize_bf16(*a, **k))
+    layer = linear(out_features=4 * 9 + 3, in_features=512, seed=3)
+    quantized = QuantizedLinear.from_linear(layer, bits, group)
+    x = torch.randn(kernels.DENSE_MIN_ROWS + 2, 512)
+    weight = quantized.dequantized_weight()
+    expected = F.linear(x.bfloat16().double(), weight.bfloat16().double(), layer.bias.data.double())
+    out = quantized(x).double()
+    assert chunks == [(0, 16), (16, 32), (32, 39)]
+    assert (out - expected).abs().max() <= 0.01 * expected.abs().max()  # bf16 output rounding, no more
+    short = quantized(x[:4])  # fewer rows: the integer kernels (int8 activations), close to the same numbers
+    assert len(chunks) == 3 and (short.double() - expected[:4]).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_int4_packing_follows_the_official_byte_layout():
@@ -142,10 +190,9 @@ def write_official_quantized(model, directory, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("path", ["pytorch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("path", PATHS)
 def test_the_official_quantized_layout_loads_and_runs(tmp_path, bits, path, request):
-    if path == "pytorch":
-        request.getfixturevalue("pytorch_ops")
+    take_path(path, request)
     model = random_model()
     dequantized = write_official_quantized(model, tmp_path, bits)
     loaded = GLMForCausalLM.from_pretrained(tmp_path, progress=False)
