@@ -21,7 +21,10 @@ CONFIGS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
            # (norms, attention) is faster in fp32 on AVX2; INT8 embeddings keep the table small
            "int8-qe-fp32": ["--bits", "8", "--quantize-embeddings", "--dtype", "float32"],
            "int4-qe-fp32": ["--bits", "4", "--quantize-embeddings", "--dtype", "float32"],
-           "int4-qe-bf16": ["--bits", "4", "--quantize-embeddings", "--dtype", "bfloat16"]}
+           "int4-qe-bf16": ["--bits", "4", "--quantize-embeddings", "--dtype", "bfloat16"],
+           # INT4 table too: decoding reads the 130528-row output table for every token
+           "int4-qe4-fp32": ["--bits", "4", "--embedding-bits", "4", "--dtype", "float32"],
+           "int4-qe4-bf16": ["--bits", "4", "--embedding-bits", "4", "--dtype", "bfloat16"]}
 FP32_BYTES_6B = 6.2e9 * 4
 
 

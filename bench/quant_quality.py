@@ -22,7 +22,10 @@ from glmkit import kernels
 from glmkit.api import GLMForCausalLM
 from glmkit.bench import SHAPES
 from glmkit.evaluate import perplexity
-from glmkit.quantize import quantize_model
+from glmkit.quantize import quantize_embeddings, quantize_model
+
+# name -> (block linear bits, embedding and output table bits; 0: full precision)
+VARIANTS = {"int8": (8, 0), "int4": (4, 0), "int4-qe8": (4, 8), "int4-qe4": (4, 4)}
 
 TEXTS = [
     "The capital of France is Paris. It lies on the Seine and is known for its museums and cafes.",
@@ -68,11 +71,14 @@ def random_model_gaps(seed: int = 0) -> dict:
             continue
         kernels.available = switch
         try:
-            for bits in (8, 4):
+            for name, (bits, table_bits) in VARIANTS.items():
                 model = GLMForCausalLM(config).eval()
                 model.load_state_dict(state)
-                gap = (quantize_model(model, bits)(ids).logits - expected).abs()
-                report[f"int{bits}_{path}"] = {"max_abs_relative": round(gap.max().item() / scale, 4),
+                quantize_model(model, bits)
+                if table_bits:
+                    quantize_embeddings(model, table_bits)
+                gap = (model(ids).logits - expected).abs()
+                report[f"{name}_{path}"] = {"max_abs_relative": round(gap.max().item() / scale, 4),
                                                "mean_abs_relative": round(gap.mean().item() / scale, 5),
                                                "same_argmax": round((model(ids).logits.argmax(-1)
                                                                      == expected.argmax(-1)).float().mean().item(), 4)}
@@ -90,11 +96,11 @@ def main() -> None:
     answers = [reference.chat(tokenizer, q, do_sample=False, max_new_tokens=48)[0] for q in QUESTIONS]
     report = {"model": args.model or "demo-model",
               "full_precision": {"perplexity": round(perplexity(reference, tokenizer, TEXTS), 3)}}
-    for bits in (8, 4):
-        model, _ = glmkit.load(args.model, progress=False, quantize=bits)
+    for name, (bits, table_bits) in VARIANTS.items():
+        model, _ = glmkit.load(args.model, progress=False, quantize=bits, quantize_embeddings=table_bits)
         same = sum(model.chat(tokenizer, q, do_sample=False, max_new_tokens=48)[0] == a
                    for q, a in zip(QUESTIONS, answers, strict=True))
-        report[f"int{bits}"] = {"logits": logit_gap(reference, model, tokenizer),
+        report[name] = {"logits": logit_gap(reference, model, tokenizer),
                                 "perplexity": round(perplexity(model, tokenizer, TEXTS), 3),
                                 "greedy_answers_identical": f"{same}/{len(QUESTIONS)}"}
     report["random_weights"] = random_model_gaps()

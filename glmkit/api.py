@@ -46,13 +46,14 @@ class GLMForCausalLM(GLM):
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         progress: bool = True, quantize: int | None = None, group_size: int | None = None,
         adapter: str | Path | None = None, tp: int = 1, tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
-        quantize_embeddings: bool = False,
+        quantize_embeddings: bool | int = False,
     ) -> GLMForCausalLM:
         """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
 
         quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
         per scale, 128 by default); a checkpoint saved quantized loads quantized without it.
-        quantize_embeddings=True also stores the word embedding and output table as INT8 rows.
+        quantize_embeddings=True (or 8) also stores the word embedding and output table as INT8 rows,
+        quantize_embeddings=4 as INT4 rows with one scale per 128 columns.
         adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
         scripts) applied on top, after quantizing.
         tp=N: this process is one of N torchrun ranks (every rank calls this alike); it joins the job
@@ -116,7 +117,7 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
-    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool = False,
+    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False,
 ) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()

@@ -31,6 +31,7 @@ from glmkit.quantize import (
     block_linears,
     default_group,
     group_for,
+    max_level,
     record_quantization,
 )
 
@@ -43,10 +44,10 @@ SHAPES = {
 
 
 def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int = 0,
-                 embeddings: bool = False) -> GLMForCausalLM:
+                 embeddings: int = 0) -> GLMForCausalLM:
     """A model of `config`'s shape with random weights, materialised one tensor at a time; with `bits`,
     the block linears are created quantized (random integers), never in full precision, and with
-    `embeddings` the embedding table too (INT8 rows)."""
+    `embeddings` (8 or 4 bits) the embedding table too."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GLMForCausalLM(config)
@@ -57,13 +58,13 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
             setattr(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
         record_quantization(model, bits, group)
     if embeddings:
-        table = QuantizedEmbedding(config.vocab_size, config.hidden_size, dtype)
+        table = QuantizedEmbedding(config.vocab_size, config.hidden_size, dtype, bits=embeddings)
         table.weight.random_(-127, 128)
-        table.weight_scale.fill_(std / 127 * 2)
+        table.weight_scale.fill_(std / max_level(embeddings) * 2)
         model.transformer.word_embeddings = table
         if not config.tie_word_embeddings:
-            model.lm_head = random_quantized(model.lm_head, 8, 0, dtype, std)
-        config.quantization_embedding_bit = 8
+            model.lm_head = random_quantized(model.lm_head, embeddings, table.group_size, dtype, std)
+        config.quantization_embedding_bit = embeddings
     for module in list(model.modules()):
         if config.tie_word_embeddings and module is model.lm_head:
             continue  # the embedding table itself, tied below: never a second copy, not even for a moment
@@ -140,7 +141,7 @@ def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
 
 
 def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
-        repeats: int = 3, embeddings: bool = False) -> dict:
+        repeats: int = 3, embeddings: int = 0) -> dict:
     """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
     torch_dtype = getattr(torch, dtype)
     config = SHAPES[shape]()
@@ -148,7 +149,7 @@ def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: i
     model = random_model(config, torch_dtype, bits, embeddings=embeddings)
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     result: dict = {
-        "shape": shape, "bits": bits or None, "embedding_bits": 8 if embeddings else None, "dtype": dtype,
+        "shape": shape, "bits": bits or None, "embedding_bits": embeddings or None, "dtype": dtype,
         "threads": torch.get_num_threads(),
         "kernels": "glmkit native (int8 activations)" if bits and kernels.available() else "pytorch",
         "parameters": sum(p.numel() for p in model.parameters()) + quantized,

@@ -38,6 +38,7 @@ from glmkit.quantize import (
     quantized_layout,
     record_quantization,
 )
+from glmkit.quantize import embedding_bits as quantize_embedding_bits
 from glmkit.quantize import quantize_embeddings as quantize_embeddings_in_place
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -131,14 +132,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
                  quantize: tuple[int, int] | None = None, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 reduce_absmax: Callable | None = None, quantize_embeddings: bool = False) -> None:
+                 reduce_absmax: Callable | None = None, quantize_embeddings: int = 0) -> None:
     """Fill a meta-device model from the directory's shards, one shard at a time.
 
     With `quantize=(bits, group)`, each block linear is quantized as soon as its weight and bias are
     in, so peak memory stays near the quantized model's size, not the full-precision one's. `tensors`
     replaces reading every file (tensor parallelism passes the rank's slices); `reduce_absmax(module,
     group)` may give a function that completes a per-row absmax held in parts across ranks.
-    `quantize_embeddings` turns the embedding (and output) table into INT8 once it is in."""
+    `quantize_embeddings` (8 or 4 bits) quantizes the embedding (and output) table once it is in."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
     if tied:  # the output layer is the embedding table: stored once, under the embedding's names
@@ -163,7 +164,7 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
     if tied:
         model.tie_output()
     if quantize_embeddings:
-        quantize_embeddings_in_place(model)
+        quantize_embeddings_in_place(model, quantize_embeddings)
         release_freed_memory()
 
 
@@ -233,13 +234,14 @@ def load_model(
     quantize: int | None = None,
     group_size: int | None = None,
     tp: int = 1,
-    quantize_embeddings: bool = False,
+    quantize_embeddings: bool | int = False,
 ) -> GLM:
     """A model from a directory in the official layout; `quantize=4|8` quantizes while loading.
 
     tp > 1: this process is one of `tp` ranks (tp.init has run); it builds its shard on the meta device
     and reads only its slices of the checkpoint, whatever tensor-parallel size it was saved at.
-    quantize_embeddings: INT8 word embedding (and output layer), also without `quantize`."""
+    quantize_embeddings: INT8 (True or 8) or INT4 (4) word embedding and output layer, also without
+    `quantize`."""
     directory = Path(path).expanduser()
     config = read_config(directory)
     device = torch.device(device)
@@ -248,9 +250,12 @@ def load_model(
     if quantize and stored_bits and quantize != stored_bits:
         raise CheckpointError(f"{directory} is already quantized to {stored_bits} bits; it cannot be loaded as "
                               f"{quantize}-bit (quantize the full-precision checkpoint instead)")
-    embedding_bits = config.quantization_embedding_bit
-    if tp > 1 and (embedding_bits or quantize_embeddings):
-        raise tp_lib.TPError("INT8 embeddings are not sharded yet: load a checkpoint with full-precision "
+    embedding_bits, embeddings_on_load = config.quantization_embedding_bit, quantize_embedding_bits(quantize_embeddings)
+    if embedding_bits and embeddings_on_load and embedding_bits != embeddings_on_load:
+        raise CheckpointError(f"{directory} stores its embeddings at {embedding_bits} bits; they cannot be loaded as "
+                              f"{embeddings_on_load}-bit (quantize the full-precision checkpoint instead)")
+    if tp > 1 and (embedding_bits or embeddings_on_load):
+        raise tp_lib.TPError("Quantized embeddings are not sharded yet: load a checkpoint with full-precision "
                              "embeddings (glmkit quantize without --embeddings) to use --tp")
     with torch.device("meta"):
         model = model_class(config)
@@ -262,7 +267,7 @@ def load_model(
     if stored_bits:
         quantized_layout(model, stored_bits, config.quantization_group_size, dtype)
     if embedding_bits:
-        quantized_embedding_layout(model, dtype)
+        quantized_embedding_layout(model, dtype, embedding_bits)
     on_load = None
     if quantize and not stored_bits:
         group = default_group(quantize) if group_size is None else group_size
@@ -273,7 +278,7 @@ def load_model(
     tensors = None if tp == 1 and plain else local_tensors(directory, config, rank, tp)
     load_weights(model, directory, dtype, device, progress, quantize=on_load, tensors=tensors,
                  reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None,
-                 quantize_embeddings=quantize_embeddings and not embedding_bits)
+                 quantize_embeddings=0 if embedding_bits else embeddings_on_load)
     if on_load:
         record_quantization(model, *on_load)
     model.name_or_path = str(directory)
@@ -469,8 +474,8 @@ def describe(path: str | Path) -> dict:
         for name, shape, dtype in _tensor_headers(file):
             if name.endswith(".weight_scale"):
                 continue  # quantization metadata, not parameters
-            packed = (config.quantization_bit == 4 and "int8" in dtype.lower() and name.endswith(".weight")
-                      and ".layers." in name)  # INT8 embedding rows are not packed
+            bits = config.quantization_bit if ".layers." in name else config.quantization_embedding_bit
+            packed = bits == 4 and "int8" in dtype.lower() and name.endswith(".weight")
             count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
             dtypes.add(dtype)
     return {

@@ -33,6 +33,7 @@ from glmkit.api import GLMForCausalLM, NoDefaultModelError, load
 from glmkit.chat import CHAT_DEFAULTS
 from glmkit.checkpoint import CheckpointError, describe
 from glmkit.config import ConfigError
+from glmkit.quantize import embedding_group
 
 CHAT_HELP = """\
 glmkit chat: type a message and press Enter.
@@ -51,8 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
                         help="quantize the block linears to INT8 or INT4 (group-wise) while loading; a checkpoint "
                              "written by 'glmkit quantize' is loaded quantized without this flag")
-    parser.add_argument("--quantize-embeddings", action="store_true",
-                        help="also store the word embedding and output layer as INT8 rows while loading")
+    add_embedding_args(parser, "--quantize-embeddings", "while loading")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice, usually one per core)")
     parser.add_argument("--adapter", type=Path, default=None,
@@ -66,11 +66,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "with an error (default: %(default)s)")
 
 
+def add_embedding_args(parser: argparse.ArgumentParser, flag: str, when: str) -> None:
+    parser.add_argument(flag, action="store_true",
+                        help=f"also quantize the word embedding and output layer {when} (INT8 rows unless "
+                             "--embedding-bits 4)")
+    parser.add_argument("--embedding-bits", type=int, choices=[4, 8], default=None,
+                        help=f"bits for the embedding and output table (implies {flag}): 8 (one scale per token) or "
+                             "4 (one scale per 128 columns); ChatGLM-6B's table is 2.1 GB in fp32, 0.53 GB at 8 bits, "
+                             "0.28 GB at 4, and decoding reads all of it for every token")
+
+
+def embedding_bits_from(args: argparse.Namespace, flag: str) -> int:
+    return args.embedding_bits or (8 if getattr(args, flag) else 0)
+
+
 def load_from_args(args: argparse.Namespace, progress: bool = True):
     """(model, tokenizer) as the model flags say."""
     return load(args.model, dtype=args.dtype, device=args.device, progress=progress, quantize=args.quantize,
                 adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout,
-                quantize_embeddings=args.quantize_embeddings)
+                quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"))
 
 
 def from_rank0(value, tp: int):
@@ -253,7 +267,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"quantized    INT{c['quantization_bit']} block linears, "
               f"{f'one scale per {group} columns' if group else 'one scale per row (official layout)'}")
     if c.get("quantization_embedding_bit"):
-        print("quantized    INT8 word embedding and output layer, one scale per token")
+        bits = c["quantization_embedding_bit"]
+        group = embedding_group(bits, c["hidden_size"])
+        print(f"quantized    INT{bits} word embedding and output layer, "
+              f"{f'one scale per {group} columns' if group else 'one scale per token'}")
     print(f"size on disk {facts['size_on_disk_bytes'] / 2**20:.1f} MiB in {len(facts['weight_files'])} weight file(s)")
     print(f"tokenizer    {'ice_text.model present' if facts['tokenizer'] else 'missing (no ice_text.model)'}")
     return 0
@@ -281,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     model = GLMForCausalLM.from_pretrained(args.src, quantize=args.bits, group_size=args.group_size,
-                                           quantize_embeddings=args.embeddings)
+                                           quantize_embeddings=embedding_bits_from(args, "embeddings"))
     out = model.save_pretrained(args.dst, dtype=args.dtype)
     size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     print(f"glmkit: wrote a {args.bits}-bit model to {out} ({size / 2**20:.1f} MiB of weights)")
@@ -302,7 +319,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from glmkit.bench import report, run
 
     result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
-                 measure_load=args.load, repeats=args.repeats, embeddings=args.quantize_embeddings)
+                 measure_load=args.load, repeats=args.repeats,
+                 embeddings=embedding_bits_from(args, "quantize_embeddings"))
     print(report([result], args.json))
     return 0
 
@@ -736,9 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits", type=int, choices=[4, 8], required=True)
     quant.add_argument("--group-size", type=int, default=None,
                        help="INT4 input columns per scale (default 128; 0: one scale per row, the official layout)")
-    quant.add_argument("--embeddings", action="store_true",
-                       help="also store the word embedding and output layer as INT8 rows, one scale per token "
-                            "(ChatGLM-6B: 2.1 GB in fp32 -> 0.5 GB; glmkit's own key, the official code cannot load it)")
+    add_embedding_args(quant, "--embeddings", "(glmkit's own config key: the official code cannot load it)")
     quant.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="dtype of the scales, biases, norms and embeddings on disk (default: float16)")
     quant.set_defaults(func=cmd_quantize)
@@ -766,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--shape", choices=["chatglm-6b", "tiny"], default="tiny")
     bench.add_argument("--bits", type=int, choices=[4, 8], default=None, help="weight-only INT8/INT4 block linears")
-    bench.add_argument("--quantize-embeddings", action="store_true", help="INT8 word embedding and output layer")
+    add_embedding_args(bench, "--quantize-embeddings", "as built")
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="weights (full precision) or activations, scales and the rest (quantized)")
     bench.add_argument("--prompt-len", type=int, nargs="+", default=[32, 512], help="prefill lengths to time")

@@ -99,8 +99,8 @@ class GLMConfig:
             raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
         if self.quantization_bit not in (0, 4, 8):
             raise ConfigError(f"quantization_bit {self.quantization_bit} is not 0, 4 or 8")
-        if self.quantization_embedding_bit not in (0, 8):
-            raise ConfigError(f"quantization_embedding_bit {self.quantization_embedding_bit} is not 0 or 8")
+        if self.quantization_embedding_bit not in (0, 4, 8):
+            raise ConfigError(f"quantization_embedding_bit {self.quantization_embedding_bit} is not 0, 4 or 8")
         if self.pre_seq_len is not None and self.pre_seq_len < 1:
             raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:

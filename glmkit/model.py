@@ -381,7 +381,10 @@ class GLM(nn.Module):
         start = int(cache_position.max()) if isinstance(cache_position, torch.Tensor) else cache_position or 0
         self.check_length(start, input_ids.shape[1])
         hidden = self.transformer(input_ids, position_ids, attention_mask, cache_position)
-        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        selected = hidden[:, -1:] if last_only else hidden
+        # As 2D rows: a strided 3D slice sends F.linear down a batched path that copies the whole
+        # (1 GB at ChatGLM-6B's vocabulary) output table, measured at 6 s per prompt in bf16.
+        logits = self.lm_head(selected.reshape(-1, selected.shape[-1])).view(*selected.shape[:-1], -1)
         return CausalLMOutput(logits=logits, hidden_states=hidden)
 
     def check_length(self, start: int, count: int) -> None:

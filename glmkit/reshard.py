@@ -70,7 +70,7 @@ def check_shardable(config: GLMConfig, tp: int) -> None:
     if tp == 1:
         return
     if config.quantization_embedding_bit:
-        raise CheckpointError("INT8 embeddings are not sharded yet: reshard a checkpoint quantized without "
+        raise CheckpointError("Quantized embeddings are not sharded yet: reshard a checkpoint quantized without "
                               "--embeddings")
     with torch.device("meta"):
         model = GLM(config)

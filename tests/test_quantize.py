@@ -107,6 +107,7 @@ def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(
     and many of them (chunks of 16); against the float product, the error is what int8 activations
     cost: well under 1% here."""
     take_path(path, request)
+    request.getfixturevalue("monkeypatch").setattr(kernels, "DENSE_MIN_ROWS", 10**9)  # the integer kernels only
     layer = linear(out_features=4 * 9 + 3, in_features=512, seed=3)
     quantized = QuantizedLinear.from_linear(layer, bits, group)
     x = torch.randn(rows, 512)
@@ -299,46 +300,60 @@ def test_shapes_the_cpu_kernel_cannot_take_fall_back_to_dequantizing():
     assert torch.allclose(out, F.linear(x, quantized.dequantized_weight(), layer.bias.data), atol=1e-5)
 
 
-def test_int8_embeddings_look_up_and_project_with_the_spec_rows(pytorch_ops):
-    """Each token's row is quantized by the spec's rule (one scale per row); the tied output layer uses
-    the same int8 table, and the logits equal hidden @ dequantized_table^T."""
+EMBEDDING_SHAPES = [(8, 64, 0), (4, 256, 128), (4, 64, 0)]  # bits, hidden, expected scale group (0: per row)
+
+
+@pytest.mark.parametrize("bits,hidden,group", EMBEDDING_SHAPES)
+def test_quantized_embeddings_look_up_and_project_with_the_spec_rows(pytorch_ops, bits, hidden, group):
+    """Each token's row is quantized by the spec's rule (INT8: one scale per row; INT4: per 128 columns,
+    packed as the official linears); the tied output layer uses the same table, and the logits equal
+    hidden @ dequantized_table^T."""
     from glmkit.quantize import quantize_embeddings
 
-    model = random_model(tiny_config())
+    config = tiny_config(hidden_size=hidden, inner_hidden_size=4 * hidden)
+    model = random_model(config)
     table = model.transformer.word_embeddings.weight.detach().clone()
-    quantize_embeddings(model)
-    q, scales = spec_quantize(table, 8)
+    quantize_embeddings(model, bits)
+    q, scales = spec_quantize(table, bits, group)
+    dequantized = (q.float().reshape(256, scales.shape[1], -1) * scales.unsqueeze(-1)).reshape(256, hidden)
     embedding = model.transformer.word_embeddings
-    assert torch.equal(embedding.weight, q) and torch.allclose(embedding.weight_scale, scales[:, 0].float())
+    assert torch.equal(embedding.weight, spec_pack_int4(q) if bits == 4 else q)
+    assert torch.allclose(embedding.weight_scale.reshape(256, -1), scales.float())
     assert model.lm_head.weight is embedding.weight  # stored once
     ids = torch.tensor([[3, 17, 255]])
-    assert torch.allclose(embedding(ids), (q.float() * scales)[ids], atol=1e-6)
-    hidden = torch.randn(2, 64)
+    assert torch.allclose(embedding(ids), dequantized[ids], atol=1e-6)
+    hidden_states = torch.randn(2, hidden)
     with torch.no_grad():
-        assert torch.allclose(model.lm_head(hidden), hidden @ (q.float() * scales).T, atol=1e-4)
-    full = logits(random_model(tiny_config()))
-    assert (logits(model) - full).abs().max() < 0.05 * full.abs().max()  # close, not equal
-    assert model.config.quantization_embedding_bit == 8
+        assert torch.allclose(model.lm_head(hidden_states), hidden_states @ dequantized.T, atol=1e-4)
+    full = logits(random_model(config))
+    gap = (logits(model) - full).abs().max() / full.abs().max()
+    assert 0 < gap < (0.05 if bits == 8 else 0.3)  # close, not equal; INT4 further off
+    assert model.config.quantization_embedding_bit == bits
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_int8_embeddings_save_load_and_quantize_on_load(tmp_path, tied):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_embeddings_save_load_and_quantize_on_load(tmp_path, tied, bits):
     from glmkit.quantize import quantize_embeddings
 
-    config = tiny_config(tie_word_embeddings=tied)
+    config = tiny_config(tie_word_embeddings=tied, hidden_size=256, inner_hidden_size=512)
     random_model(config).save_pretrained(tmp_path / "fp", dtype="float32")
-    offline = quantize_embeddings(quantize_model(random_model(config), 8))
-    on_load = GLMForCausalLM.from_pretrained(tmp_path / "fp", progress=False, quantize=8, quantize_embeddings=True)
+    offline = quantize_embeddings(quantize_model(random_model(config), 8), bits)
+    on_load = GLMForCausalLM.from_pretrained(tmp_path / "fp", progress=False, quantize=8,
+                                             quantize_embeddings=True if bits == 8 else bits)
     assert torch.equal(logits(on_load), logits(offline))
     on_load.save_pretrained(tmp_path / "q", dtype="float32")
     stored = load_file(tmp_path / "q" / "model.safetensors")
     assert stored["transformer.word_embeddings.weight"].dtype == torch.int8
     assert ("lm_head.weight" in stored) == (not tied) and ("lm_head.weight_scale" in stored) == (not tied)
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_embedding_bit"] == 8
+    assert stored["transformer.word_embeddings.weight"].shape == (256, 256 // (2 if bits == 4 else 1))
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_embedding_bit"] == bits
     reloaded = GLMForCausalLM.from_pretrained(tmp_path / "q", progress=False)
     assert torch.equal(logits(reloaded), logits(offline))
     if tied:
         assert reloaded.lm_head.weight is reloaded.transformer.word_embeddings.weight
+    with pytest.raises(CheckpointError, match=f"stores its embeddings at {bits} bits"):
+        GLMForCausalLM.from_pretrained(tmp_path / "q", progress=False, quantize_embeddings=12 - bits)
 
 
 def test_cli_quantize_embeddings_shrinks_the_table(tmp_path, capsys):
@@ -351,6 +366,11 @@ def test_cli_quantize_embeddings_shrinks_the_table(tmp_path, capsys):
                            for d in ("q", "q0"))
     assert with_table.element_size() * 4 == without.element_size()
     assert "quantization_embedding_bit" not in json.loads((tmp_path / "q0" / "config.json").read_text())
+    assert main(["quantize", str(tmp_path / "fp"), str(tmp_path / "q4"), "--bits", "4", "--embedding-bits", "4",
+                 "--dtype", "float32"]) == 0
+    int4_table = load_file(tmp_path / "q4" / "model.safetensors")["transformer.word_embeddings.weight"]
+    assert int4_table.shape == (2048, 64) and int4_table.dtype == torch.int8  # two per byte
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_embedding_bit"] == 4
 
 
 def test_int8_embeddings_keep_the_demo_model_answers():
@@ -370,19 +390,21 @@ def test_int8_embeddings_under_tensor_parallelism_are_refused_before_loading(tmp
     from glmkit.tp import TPError
 
     random_model(tiny_config()).save_pretrained(tmp_path)
-    with pytest.raises(TPError, match="INT8 embeddings are not sharded"):
+    with pytest.raises(TPError, match="Quantized embeddings are not sharded"):
         load_model(tmp_path, tp=2, quantize_embeddings=True)
 
 
-def test_info_counts_int8_embedding_rows_once(tmp_path, capsys):
+@pytest.mark.parametrize("bits,says", [(8, "INT8 word embedding and output layer, one scale per token"),
+                                       (4, "INT4 word embedding and output layer, one scale per 128 columns")])
+def test_info_counts_quantized_embedding_rows_once(tmp_path, capsys, bits, says):
     from glmkit.quantize import quantize_embeddings
 
     model = random_model(tiny_config(hidden_size=128, inner_hidden_size=512))
     parameters = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
-    quantize_embeddings(quantize_model(model, 4)).save_pretrained(tmp_path)
+    quantize_embeddings(quantize_model(model, 4), bits).save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert f"{parameters:,}" in text and "INT8 word embedding and output layer" in text
+    assert f"{parameters:,}" in text and says in text
 
 
 def test_int4_in_the_bf16_kernel_keeps_one_copy_and_saves_the_official_layout(tmp_path, pytorch_ops):

@@ -33,7 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("int_matmul.c")
 BLOCK = 64  # activation quantization block of the kernels; k and INT4 groups must be multiples of it
-DENSE_MIN_ROWS = 48  # rows from which the bf16 path wins on AMX (bench/kernels.py --rows 16 32 48 64)
+DENSE_MIN_ROWS = 24  # rows from which the bf16 path wins on AMX: bench/kernels.py --rows 16 32 puts the crossing near 24
 DEQUANTIZE_CHUNK_BYTES = 16 << 20  # bf16 weights dequantized at a time: cache-sized, a small transient
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
