@@ -27,3 +27,17 @@ def test_bench_reports_json(capsys):
     assert report["machine"]["cores"] >= 1 and result["bits"] == 8
     assert result["decode_ms_per_token"] > 0 and result["prefill_tokens_per_s"]["16"] > 0
     assert result["load_s"] > 0 and result["peak_rss_gib"] > 0
+
+
+def test_bench_builds_an_int4_table_when_asked(capsys):
+    from glmkit.quantize import QuantizedEmbedding
+
+    model = random_model(SHAPES["tiny"](), torch.float32, bits=4, embeddings=4)
+    table = model.transformer.word_embeddings
+    assert isinstance(table, QuantizedEmbedding) and table.bits == 4
+    assert table.weight.shape == (table.num_embeddings, table.embedding_dim // 2)
+    assert model.lm_head.weight is table.weight and model.config.quantization_embedding_bit == 4
+    assert main(["bench", "--shape", "tiny", "--bits", "4", "--embedding-bits", "4", "--prompt-len", "8",
+                 "--new-tokens", "2", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["results"][0]["embedding_bits"] == 4 and report["machine"]["native_kernels"] in (None, "avx2", "avx512")
