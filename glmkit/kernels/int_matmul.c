@@ -16,9 +16,12 @@
  * INT8: signed int8 weights, one scale per row. vpmaddubsw takes |x| as the unsigned operand and
  * the weight with x's sign moved onto it (vpsignb).
  *
- * Built at run time by glmkit/kernels/__init__.py (gcc -O3 -fopenmp, called through ctypes); the
- * AVX2 functions carry their own target attribute, and glmkit_cpu_supported() says whether the
- * running CPU can take them. */
+ * That is the AVX2 set; an AVX-512 VNNI set (further down) does the same with vpdpbusd on 64-byte
+ * loads, and glmkit_dequantize_bf16 feeds PyTorch's bf16 matmul for prompts on AMX CPUs.
+ *
+ * Built at run time by glmkit/kernels/__init__.py (gcc -O3 -fopenmp, called through ctypes); each
+ * set's functions carry their own target attribute, glmkit_cpu_level() says which sets the running
+ * CPU can take, and every entry point takes the set to use (`isa`). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
