@@ -101,16 +101,18 @@ def test_quantized_matmul_matches_the_dequantized_reference(bits, group, dtype, 
 
 
 @pytest.mark.parametrize("path", NATIVE)
-@pytest.mark.parametrize("bits,group,rows", [(4, 128, 1), (4, 0, 37), (8, 0, 19), (4, 256, 6), (8, 0, 4)])
-def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(bits, group, rows, path, request):
+@pytest.mark.parametrize("bits,group,rows,width", [(4, 128, 1, 512), (4, 0, 37, 512), (8, 0, 19, 512),
+                                                   (4, 256, 6, 512), (8, 0, 4, 512), (8, 0, 5, 192), (4, 0, 3, 192)])
+def test_native_kernels_take_odd_row_counts_and_stay_within_activation_rounding(bits, group, rows, width, path,
+                                                                              request):
     """Output rows not in fours (the kernels' tile), activation rows not in fours (the AVX-512 tile)
-    and many of them (chunks of 16); against the float product, the error is what int8 activations
-    cost: well under 1% here."""
+    and many of them (chunks of 16), and a width that is 64s but not 128s (AVX-512 INT4 falls back to
+    AVX2 there); against the float product, the error is what int8 activations cost: under 1% here."""
     take_path(path, request)
     request.getfixturevalue("monkeypatch").setattr(kernels, "DENSE_MIN_ROWS", 10**9)  # the integer kernels only
-    layer = linear(out_features=4 * 9 + 3, in_features=512, seed=3)
+    layer = linear(out_features=4 * 9 + 3, in_features=width, seed=3)
     quantized = QuantizedLinear.from_linear(layer, bits, group)
-    x = torch.randn(rows, 512)
+    x = torch.randn(rows, width)
     out = quantized(x)
     exact = F.linear(x, quantized.dequantized_weight(), layer.bias.data)
     emulated = F.linear(spec_quantize_activations(x), quantized.dequantized_weight(), layer.bias.data)
