@@ -73,7 +73,7 @@ def measure(name: str, bits: int, rows: int, repeats: int, working_set_gib: floa
         result["bf16_dequantize_matmul_ms"] = median_ms(cycling(native, x), repeats)
     finally:
         kernels.dense_prompts, kernels.DENSE_MIN_ROWS = dense_prompts, dense_min_rows
-    result["glmkit_path"] = ("bf16 prompt" if rows >= kernels.DENSE_MIN_ROWS and kernels.dense_prompts()
+    result["glmkit_path"] = ("bf16 prompt" if kernels.prompt_through_bf16(rows)
                              else f"native {kernels.cpu_isas()[-1]}")
     del native
     available = kernels.available

@@ -99,10 +99,15 @@ def available() -> bool:
 ISAS = {"avx2": 1, "avx512": 2}  # glmkit_cpu_level's numbering
 
 
+@cache
+def cpu_level() -> int:
+    """glmkit_cpu_level() once per process: it is asked on every matmul."""
+    return library().glmkit_cpu_level() if available() else 0
+
+
 def cpu_isas() -> list[str]:
     """The kernel sets this CPU runs, best last (empty without the kernels)."""
-    level = library().glmkit_cpu_level() if available() else 0
-    return [name for name, number in ISAS.items() if number <= level]
+    return [name for name, number in ISAS.items() if number <= cpu_level()]
 
 
 def isa() -> str:
@@ -110,7 +115,7 @@ def isa() -> str:
     cap = os.environ.get("GLMKIT_KERNEL_ISA", "avx512")
     if cap not in ISAS:
         raise ValueError(f"GLMKIT_KERNEL_ISA={cap!r}: use one of {', '.join(ISAS)}")
-    level = min(library().glmkit_cpu_level(), ISAS[cap])
+    level = min(cpu_level(), ISAS[cap])
     return next(name for name, number in ISAS.items() if number == level)
 
 
@@ -127,24 +132,29 @@ def _scale_args(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
     return scales.float().contiguous(), 0
 
 
+@cache
 def dense_prompts() -> bool:
     """Whether many-row matmuls go through bf16: only where PyTorch's bf16 matmul has AMX."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
 
 
+def prompt_through_bf16(rows: int) -> bool:
+    return rows >= DENSE_MIN_ROWS and dense_prompts()
+
+
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [rows, in] @ W^T for W in the official INT4 packing [out, in/2] with scales [out] or
     [out, groups]; a float32 (or, for prompts through bf16, bf16) result that the caller casts."""
     group = x.shape[1] // (scales.shape[1] if scales.dim() == 2 else 1)
-    if x.shape[0] >= DENSE_MIN_ROWS and dense_prompts():
+    if prompt_through_bf16(x.shape[0]):
         return _dense(x, weight, scales, 4, group)
     return _run(library().glmkit_int4_matmul, x, weight, scales, group)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [rows, in] @ W^T for int8 W [out, in] with one scale per row; float32 (or bf16) result."""
-    if x.shape[0] >= DENSE_MIN_ROWS and dense_prompts():
+    if prompt_through_bf16(x.shape[0]):
         return _dense(x, weight, scales, 8, x.shape[1])
     return _run(library().glmkit_int8_matmul, x, weight, scales)
 
