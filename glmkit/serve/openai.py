@@ -6,6 +6,7 @@ and this module turns them back into text, applying stop strings and ChatGLM's r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -76,10 +77,15 @@ class Serving:
                            code="context_length_exceeded", param="max_tokens")
         return ids
 
-    def params(self, request: SamplingFields) -> SamplingParams:
+    def params(self, request: SamplingFields, choice: int = 0) -> SamplingParams:
+        """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
+        if (name := request.unsupported()) is not None:
+            raise APIError(400, f"{name} is not supported by this server; send the request without it",
+                           code="unsupported_parameter", param=name)
         return SamplingParams(
             max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
-            temperature=request.temperature or 1.0, top_p=request.top_p, seed=request.seed,
+            temperature=request.temperature or 1.0, top_p=request.top_p,
+            seed=None if request.seed is None else request.seed + choice,
             eos_token_ids=(self.tokenizer.eos_token_id,),
             invalid_score_token_id=self.tokenizer.convert_tokens_to_ids("▁"),
         )
@@ -156,39 +162,37 @@ class Serving:
     async def _respond(self, request: SamplingFields, prompt: str, chat: bool) -> dict | AsyncIterator[str]:
         """Chat answers get ChatGLM's clean-up (as model.chat does); plain completions are raw text."""
         ids = self.encode(prompt, request.max_tokens)
-        params, stop = self.params(request), request.stop_strings()
+        params = [self.params(request, i) for i in range(request.n)]  # n choices: n requests, batched together
+        stop = request.stop_strings()
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if request.stream:
             return self._sse(ids, params, stop, rid, created, chat=chat)
-        done = await self.complete(ids, params, stop, clean=chat)
-        if chat:
-            kind, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
-        else:
-            kind, choice = "text_completion", {"text": done.text, "logprobs": None}
-        return {
-            "id": rid, "object": kind, "created": created, "model": self.model_name,
-            "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason}], "usage": _usage(done),
-        }
+        dones = await asyncio.gather(*(self.complete(ids, p, stop, clean=chat) for p in params))
+        kind = "chat.completion" if chat else "text_completion"
+        choices = [{"index": i, **_choice_body(done.text, chat), "finish_reason": done.finish_reason}
+                   for i, done in enumerate(dones)]
+        return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices,
+                "usage": _usage(dones)}
 
-    async def _sse(self, ids, params, stop, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, ids, params: list[SamplingParams], stop, rid: str, created: int,
+                   chat: bool) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(index: int, delta: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
                 body = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": body, "finish_reason": finish}
+                choice = {"index": index, "delta": body, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": None}
             payload = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         if chat:
-            yield chunk(None, None, first=True)
-        async for delta, done in self.stream(ids, params, stop, clean=chat):
-            if done is None:
-                yield chunk(delta, None)
-            else:
-                yield chunk(None, done.finish_reason)
+            for i in range(len(params)):
+                yield chunk(i, None, None, first=True)
+        streams = [self.stream(ids, p, stop, clean=chat) for p in params]
+        async for i, (delta, done) in _merge(streams):
+            yield chunk(i, delta, None) if done is None else chunk(i, None, done.finish_reason)
         yield "data: [DONE]\n\n"
 
     async def legacy(self, request: LegacyRequest) -> dict:
@@ -207,6 +211,46 @@ class Serving:
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _usage(done: Completion) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage(dones: list[Completion]) -> dict:
+    """The prompt counts once however many choices share it (OpenAI's rule)."""
+    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _choice_body(text: str, chat: bool) -> dict:
+    return {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several streams as they come, tagged with the stream's index.
+
+    Leaving early (the client went away) cancels the pumps, which closes every stream and so aborts
+    its engine request."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((i, item))
+        except Exception as e:  # surfaced to the consumer, which re-raises it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, end))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is end:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

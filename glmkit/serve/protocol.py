@@ -23,6 +23,25 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     user: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    # Accepted only at their no-op values: a request that needs them is refused (`unsupported`), not
+    # silently answered without them.
+    logprobs: bool | int | None = None
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first option this server cannot honour, if any."""
+        if self.logprobs:
+            return "logprobs"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name
+        return "logit_bias" if self.logit_bias else None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

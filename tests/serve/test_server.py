@@ -86,6 +86,43 @@ def test_bad_requests_get_clear_4xx(server, model_dir, body, status, fragment, a
     assert httpx.get(f"{server}/health").status_code == 200  # still up
 
 
+def test_n_choices_are_the_seeded_samples_of_single_requests(client, model_dir):
+    """Choice i of a seeded n-choice request is what a single request with seed + i samples, streamed
+    or not; usage counts the prompt once and every choice's tokens."""
+    ask = dict(model=name_of(model_dir), temperature=1.0, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    singles = [client.chat.completions.create(**ask, seed=7 + i) for i in range(3)]
+    texts = [r.choices[0].message.content for r in singles]
+    assert len(set(texts)) > 1  # other seeds sample other answers, so the comparisons below can fail
+    many = client.chat.completions.create(**ask, seed=7, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == texts
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(**ask, seed=7, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"logprobs": True}, "logprobs"), ({"best_of": 3}, "best_of"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"),
+])
+def test_options_the_server_cannot_honour_are_refused_not_ignored(server, model_dir, api_key, extra, param):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    body = {"model": name_of(model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = httpx.post(f"{server}/v1/chat/completions", json={**body, **extra}, timeout=60, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    if param != "n":  # the same option at its no-op value is accepted (clients send those)
+        neutral = {"logprobs": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+        ok = httpx.post(f"{server}/v1/chat/completions", json={**body, param: neutral[param]}, timeout=60,
+                        headers=headers)
+        assert ok.status_code == 200, ok.text
+
+
 def test_wrong_api_key_is_401(server, model_dir):
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
