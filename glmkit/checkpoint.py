@@ -40,6 +40,7 @@ from glmkit.quantize import (
 )
 from glmkit.quantize import embedding_bits as quantize_embedding_bits
 from glmkit.quantize import quantize_embeddings as quantize_embeddings_in_place
+from glmkit.tp_layout import shard_dim
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -469,11 +470,15 @@ def describe(path: str | Path) -> dict:
     directory = Path(path).expanduser()
     config = read_config(directory)
     files = weight_files(directory)
-    count, dtypes = 0, set()
+    per_rank = stored_tp_size(config) > 1
+    count, dtypes, seen = 0, set(), set()
     for file in files:
         for name, shape, dtype in _tensor_headers(file):
             if name.endswith(".weight_scale"):
                 continue  # quantization metadata, not parameters
+            if per_rank and name in seen and _replicated(name):
+                continue  # every rank's file holds a whole copy: one parameter set, not N
+            seen.add(name)
             bits = config.quantization_bit if ".layers." in name else config.quantization_embedding_bit
             packed = bits == 4 and "int8" in dtype.lower() and name.endswith(".weight")
             count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
@@ -487,6 +492,13 @@ def describe(path: str | Path) -> dict:
         "size_on_disk_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
         "tokenizer": (directory / "ice_text.model").exists(),
     }
+
+
+def _replicated(name: str) -> bool:
+    try:
+        return shard_dim(name) is None
+    except ValueError:  # no known layout: counted as a slice
+        return False
 
 
 def _numel(shape) -> int:

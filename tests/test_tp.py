@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from glmkit import GLMForCausalLM, SamplingParams, kernels
-from glmkit.checkpoint import local_tensors, read_config
+from glmkit.checkpoint import describe, local_tensors, read_config
 from glmkit.cli import main as cli_main
 from glmkit.generation import generate
 from glmkit.quantize import quantize_model
@@ -167,6 +167,8 @@ def test_reshard_round_trip_and_layout(models, tmp_path):
         assert torch.equal(f.get_tensor("transformer.layers.1.mlp.dense_4h_to_h.weight"), full[:, 128:])
         assert torch.equal(f.get_tensor("transformer.layers.1.mlp.dense_4h_to_h.bias"),  # replicated on disk
                            original["transformer.layers.1.mlp.dense_4h_to_h.bias"])
+    # `glmkit info` counts the model's parameters, not the replicated copies in every rank's file
+    assert describe(models / "chatglm-tp2")["parameters"] == sum(t.numel() for t in original.values())
 
 
 def test_reshard_refuses_sizes_that_do_not_divide(models, tmp_path, capsys):
