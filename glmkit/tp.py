@@ -21,6 +21,7 @@ wait as long as a user takes to type.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Callable
@@ -56,10 +57,19 @@ def init(tp: int, device: str | torch.device = "cpu", timeout_s: float = DEFAULT
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        # Left to the interpreter's teardown, gloo's threads were now and then destroyed while joinable,
+        # and a rank that had finished its work died with SIGABRT ("terminate called without an active
+        # exception"), failing the whole torchrun job.
+        atexit.register(_leave)
         _control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         seed = broadcast_object(int(torch.randint(0, 2**62, ()).item()) if rank() == 0 else None)
         torch.manual_seed(seed)  # identical sampling on every rank (they all see the same logits)
     return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
