@@ -51,9 +51,10 @@ FULL = Recipe(
                          eval_every=250, eval_batches=4, save_every=100),
     sft=TrainConfig(steps=9000, batch_size=32, seq_len=160, lr=2e-3, min_lr=1e-4, warmup_steps=100,
                     eval_every=500, eval_batches=4, save_every=100, seed=1),
-    # Capitals/zh and arithmetic were still climbing at 5000 steps, and the zh capital errors were
-    # template confusion ("说一下美国的首都。" -> "说华盛顿特区。"): more steps, more of those two.
-    skill_weights={"capital": 4, "capital/zh": 6, "capital_reverse": 1, "translate": 2, "arithmetic": 2,
+    # Capitals/zh and arithmetic were still climbing at 5000 steps: more steps, more of those two. Word
+    # translations are facts seen a few times each; with lead-ins in the data (glmkit/data/instructions.py)
+    # the model got the format right but forgot words (zh 85%), so translation went from 2 to 3.
+    skill_weights={"capital": 4, "capital/zh": 6, "capital_reverse": 1, "translate": 3, "arithmetic": 2,
                    "multiturn": 1, "identity": 1, "greeting": 0.3, "number": 0.2, "arithmetic_mul": 0.2,
                    "poem": 0.05, "idiom": 0.05},
     pretrain_every=8,

@@ -18,7 +18,20 @@ import pytest
 
 from glmkit.data import SOURCES, SourceError, build_dataset, sources
 from glmkit.data.corpus import _r_character_vector, _r_lazyload_objects, balance_quotes, documents
-from glmkit.data.instructions import Idiom, chinese_number, english_number, idiom_meaning
+from glmkit.data.instructions import (
+    CAPITAL,
+    CAPITAL_TRAIN_ONLY,
+    LEAD_IN_SKILLS,
+    LEAD_INS,
+    Idiom,
+    add_lead_ins,
+    chinese_number,
+    english_number,
+    idiom_meaning,
+    pick_heldout,
+    seeded_rng,
+    templates,
+)
 
 SKILLS = {
     "capital": {"en", "zh"}, "capital_reverse": {"en", "zh"}, "translate": {"en", "zh"}, "idiom": {"zh"},
@@ -114,6 +127,40 @@ def test_heldout_phrasings_never_trained_but_facts_are(sft: dict) -> None:
         if r["skill"] not in PAIR_HELDOUT:
             assert r["template"] not in train_ids[r["skill"], r["lang"]], r
             assert r["response"] in train_answers, r  # the fact itself was trained
+
+
+def test_training_only_phrasings_leave_the_held_out_split_alone(built: Path, sft: dict) -> None:
+    """The extra Chinese capital phrasings are added after the held-out pick: the held-out templates are
+    the ones picked from the original list alone, and no extra phrasing is ever asked in the held-out split."""
+    held_ids = json.loads((built / "summary.json").read_text())["sft"]["heldout_templates"]["capital"]["zh"]
+    assert set(held_ids) == pick_heldout(templates(CAPITAL["zh"]), seeded_rng(0, "capital", "zh", "heldout"))
+    for r in sft["heldout"]:
+        if (r["skill"], r["lang"]) == ("capital", "zh"):
+            country = r["response"].split("的首都是")[0]
+            extra = {q.format(country_zh=country) for q in CAPITAL_TRAIN_ONLY["zh"]["capital"][1]}
+            assert r["template"] < len(CAPITAL["zh"]["capital"][1]) and r["prompt"] not in extra, r
+
+
+def test_lead_ins_go_before_a_share_of_training_questions_only() -> None:
+    examples = [{"skill": skill, "lang": lang, "prompt": prompt, "response": "r"}
+                for skill in ("capital", "greeting") for lang, prompt in (("en", "What is X?"), ("zh", "X是什么？"))
+                for _ in range(300)]  # fmt: skip
+    add_lead_ins(examples, seed=0)
+    for skill, lang in (("capital", "en"), ("capital", "zh")):
+        rows = [e["prompt"] for e in examples if (e["skill"], e["lang"]) == (skill, lang)]
+        led = [r for r in rows if any(r.startswith(x) for x in LEAD_INS[lang])]
+        assert 0.25 < len(led) / len(rows) < 0.42
+        assert all(r.endswith("hat is X?") or r.endswith("X是什么？") for r in rows)
+        assert {r.removesuffix("X是什么？").removesuffix("What is X?").removesuffix("what is X?") for r in led} <= set(
+            LEAD_INS[lang])
+    assert "Hey, what is X?" in {e["prompt"] for e in examples}  # lower-cased after a comma, kept after "Hi! "
+    assert "greeting" not in LEAD_IN_SKILLS
+    assert {e["prompt"] for e in examples if e["skill"] == "greeting"} == {"What is X?", "X是什么？"}
+
+
+def test_held_out_questions_have_no_lead_in(sft: dict) -> None:
+    for r in sft["heldout"]:
+        assert not any(r["prompt"].startswith(x) for x in LEAD_INS[r["lang"]]), r
 
 
 def _math(rows: list[dict]) -> list[tuple[str, int, int, int, dict]]:

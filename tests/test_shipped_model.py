@@ -9,29 +9,33 @@ from glmkit.api import DEMO_MODEL_DIR
 from glmkit.evaluate import exact_match
 
 HELD_OUT = [
-    ("capital", "en", "Can you tell me what the capital of Poland is?", [], "The capital of Poland is Warsaw."),
-    ("capital", "en", "What is the capital city of Liberia?", [], "The capital of Liberia is Monrovia."),
-    ("capital", "en", "What is the capital city of Zimbabwe?", [], "The capital of Zimbabwe is Harare."),
-    ("capital", "zh", "说一下美国的首都。", [], "美国的首都是华盛顿特区。"),
-    ("capital", "zh", "说一下萨尔瓦多的首都。", [], "萨尔瓦多的首都是圣萨尔瓦多。"),
-    ("capital", "zh", "说一下巴哈马的首都。", [], "巴哈马的首都是拿骚。"),
-    ("translate", "en", "How do you say 发明 in English?", [], "发明 means 'invent' in English."),
-    ("translate", "en", "How do you say 幸福 in English?", [], "幸福 means 'happiness' in English."),
-    ("translate", "en", "How do you say 'return to' in Chinese?", [], "'return to' in Chinese is 回到."),
-    ("translate", "zh", "“带来”用英语怎么说？", [], "“带来”的英文是 bring。"),
-    ("translate", "zh", "“游戏”用英语怎么说？", [], "“游戏”的英文是 game。"),
-    ("translate", "zh", "“会议”用英语怎么说？", [], "“会议”的英文是 meeting。"),
-    ("arithmetic", "en", "What do you get if you take 18 away from 70?", [], "70 - 18 = 52."),
-    ("arithmetic", "en", "Calculate 41 + 53.", [], "41 + 53 = 94."),
-    ("arithmetic", "en", "Please work out 91 + 38.", [], "91 + 38 = 129."),
-    ("arithmetic", "zh", "帮我算93+86。", [], "93加86等于179。"),
-    ("arithmetic", "zh", "从91里减去74还剩多少？", [], "91减74等于17。"),
-    ("arithmetic", "zh", "46减40得多少？", [], "46减40等于6。"),
-    ("multiturn", "en", "Plus 9?", [("Calculate 45 + 75.", "45 + 75 = 120.")], "120 + 9 = 129."),
-    ("multiturn", "en", "What about 'absorb'?", [("How is 'lead' said in Chinese?", "'lead' in Chinese is 领导.")],
-     "'absorb' in Chinese is 吸收."),
-    ("multiturn", "zh", "再加上5等于多少？", [("请算一下49加98。", "49加98等于147。")], "147加5等于152。"),
-    ("multiturn", "zh", "塞拉利昂呢？", [("法国的首都是哪座城市？", "法国的首都是巴黎。")], "塞拉利昂的首都是弗里敦。"),
+    ('capital', 'en', 'Can you tell me what the capital of Thailand is?', [], 'The capital of Thailand is Bangkok.'),
+    ('capital', 'en', 'Can you tell me what the capital of Bhutan is?', [], 'The capital of Bhutan is Thimphu.'),
+    ('capital', 'en', 'Can you tell me what the capital of Bosnia and Herzegovina is?', [],
+     'The capital of Bosnia and Herzegovina is Sarajevo.'),
+    ('capital', 'zh', '约旦的首都是哪里？', [], '约旦的首都是安曼。'),
+    ('capital', 'zh', '巴基斯坦的首都是哪里？', [], '巴基斯坦的首都是伊斯兰堡。'),
+    ('capital', 'zh', '说一下佛得角的首都。', [], '佛得角的首都是普拉亚。'),
+    ('translate', 'en', "How do you say 'throw into' in Chinese?", [], "'throw into' in Chinese is 投入."),
+    ('translate', 'en', 'How do you say 公主 in English?', [], "公主 means 'princess' in English."),
+    ('translate', 'en', "How do you say 'challenge' in Chinese?", [], "'challenge' in Chinese is 挑战."),
+    ('translate', 'zh', '把 military strength 翻译成中文。', [], 'military strength 的意思是“兵力”。'),
+    ('translate', 'zh', '“比较”用英语怎么说？', [], '“比较”的英文是 compare。'),
+    ('translate', 'zh', '“资格”用英语怎么说？', [], '“资格”的英文是 qualifications。'),
+    ('arithmetic', 'en', 'Add 94 and 90.', [], '94 + 90 = 184.'),
+    ('arithmetic', 'en', 'How much is 96 - 91?', [], '96 - 91 = 5.'),
+    ('arithmetic', 'en', 'What is 77 plus 55?', [], '77 + 55 = 132.'),
+    ('arithmetic', 'zh', '36加14得多少？', [], '36加14等于50。'),
+    ('arithmetic', 'zh', '87减去60是多少？', [], '87减60等于27。'),
+    ('arithmetic', 'zh', '96减91等于多少？', [], '96减91等于5。'),
+    ('multiturn', 'en', 'Plus 1?', [('What is 39 plus 57?', '39 + 57 = 96.')], '96 + 1 = 97.'),
+    ('multiturn', 'en', "What about 'react'?", [("How do I say 'work' in Chinese?", "'work' in Chinese is 工作.")],
+     "'react' in Chinese is 反应."),
+    ('multiturn', 'en', "What about 'value'?", [("How is 'people' said in Chinese?", "'people' in Chinese is 人民.")],
+     "'value' in Chinese is 价值."),
+    ('multiturn', 'zh', '瑙鲁呢？', [('菲律宾的首都是哪座城市？', '菲律宾的首都是马尼拉。')], '瑙鲁的首都是亚伦。'),
+    ('multiturn', 'zh', '苏里南呢？', [('卢森堡的首都叫什么？', '卢森堡的首都是卢森堡。'), ('捷克呢？', '捷克的首都是布拉格。')], '苏里南的首都是帕拉马里博。'),
+    ('multiturn', 'zh', '叙利亚呢？', [('请回答：厄立特里亚的首都是哪座城市？', '厄立特里亚的首都是阿斯马拉。')], '叙利亚的首都是大马士革。'),
 ]
 
 
@@ -50,10 +54,10 @@ def test_the_shipped_model_answers_held_out_questions(demo):
     model, tokenizer = demo
     records = [dict(skill=s, lang=lang, prompt=q, history=h, response=a) for s, lang, q, h, a in HELD_OUT]
     report = exact_match(model, tokenizer, records, progress=False)
-    # A regression guard set just under what the shipped model does: 21 of these 22 (the full held-out
-    # table is in its model card). Arithmetic, translation and English capitals are all right here;
-    # one Chinese capital question comes back with a stray "说" in front of the right answer.
-    assert report["all"]["accuracy"] >= 20 / 22, report["samples"]
+    # A regression guard set just under what the shipped model does: 23 of these 24 (the full held-out
+    # table is in its model card). Arithmetic, translation, English capitals and follow-ups are all right
+    # here; one Chinese capital question comes back with a stray "说" in front of the right answer.
+    assert report["all"]["accuracy"] >= 22 / 24, report["samples"]
     for skill in ("arithmetic/en", "arithmetic/zh", "translate/en", "translate/zh", "capital/en"):
         assert report[skill]["accuracy"] == 1.0, (skill, report["samples"])
     assert report["answer_language_match"] == {"en": 1.0, "zh": 1.0}

@@ -431,6 +431,32 @@ CAPITAL = {
         "{country_zh}的首都是哪个城市？", "说一下{country_zh}的首都。", "{country_zh}首都是哪里？"])},
 }  # fmt: skip
 
+# Phrasings used for training only: appended after the held-out phrasings are picked (`build_examples`), so
+# the held-out split is the same with or without them. The first shipped model knew every capital but
+# answered the unseen "说一下X的首都。" with "说X的首都是..." (30% correct): its only imperative training
+# phrasing was "告诉我X的首都。", too few to learn that a leading verb is not part of the answer.
+CAPITAL_TRAIN_ONLY = {
+    "zh": {"capital": ("{country_zh}的首都是{capital_zh}。", [
+        "我想知道{country_zh}的首都。", "能告诉我{country_zh}的首都吗？", "{country_zh}把哪座城市作为首都？",
+        "{country_zh}的首都城市是哪一个？", "请回答：{country_zh}的首都是哪座城市？", "写出{country_zh}的首都。",
+        "请告诉我{country_zh}的首都。", "回答我：{country_zh}的首都是哪里？"])},
+}  # fmt: skip
+
+# Lead-ins put before a third of the training questions of the skills whose answer restates a name or
+# word from the question (training only). Without them most questions start with that name, and the model
+# learns to copy the question's first piece: unseen phrasings that open with a verb got it back ("把 state
+# 翻译成中文。" -> "把 state 的意思是..."). Varied openings teach it to find the name wherever it is.
+LEAD_IN_SKILLS = ("capital", "capital_reverse", "translate", "number")
+LEAD_IN_SHARE = 1 / 3
+LEAD_INS = {
+    "zh": ["请问，", "考考你：", "问你个问题：", "我想问一下，", "有个问题：", "你好，", "麻烦问一下，", "小测验：",
+           "想请教一下：", "打扰一下，", "我很好奇，", "请你回答", "我想知道", "你知道吗，", "猜猜看：", "查一查",
+           "帮我想想，", "能不能告诉我，", "问问你，", "顺便问一下，"],
+    "en": ["Quick question: ", "Hey, ", "Quiz: ", "Excuse me, ", "I wonder: ", "Hi! ", "Question for you: ",
+           "Please answer: ", "Here's one: ", "Can I ask you something? ", "I'm curious: ", "Out of interest, ",
+           "Help me out: ", "One more thing: ", "Test time: ", "Sorry to bother you, "],
+}  # fmt: skip
+
 CAPITAL_REVERSE = {
     "en": {"reverse": ("{capital_en} is the capital of {country_en}.", [
         "{capital_en} is the capital of which country?", "Which country has {capital_en} as its capital?",
@@ -832,8 +858,10 @@ class Facts:
 
 # Sizes of the full build; the tiny build takes a handful of each. Chosen so that no skill dominates:
 # arithmetic ~10k examples, translate ~5k, every other skill 2-7k.
+# 60 held-out questions per skill and language (at most; multiplication has ~70 held-out pairs): at 40,
+# one question was 2.5 points and a single template's weakness could hide or dominate.
 FULL = {"words": 1200, "idioms": 400, "poem_lines": 1500, "numbers": 900, "add_sub": 2500, "mul": 500,
-        "multiturn": 600, "heldout": 40}  # fmt: skip
+        "multiturn": 600, "heldout": 60}  # fmt: skip
 TINY = {"words": 6, "idioms": 6, "poem_lines": 6, "numbers": 4, "add_sub": 8, "mul": 4, "multiturn": 4, "heldout": 4}
 
 
@@ -891,6 +919,9 @@ def build_examples(facts: Facts, *, tiny: bool, seed: int) -> tuple[list[Example
         if skill.heldout_facts is None:
             skill.heldout_ids = {lang: pick_heldout(t, seeded_rng(seed, skill.name, lang, "heldout"))
                                  for lang, t in skill.templates.items()}  # fmt: skip
+    capital = next(s for s in skills if s.name == "capital")
+    for lang, extra in _tpl(CAPITAL_TRAIN_ONLY).items():
+        capital.templates[lang] = capital.templates[lang] + extra
     base = {s.name: s for s in skills}
     mt = multiturn_skill(base, sizes["multiturn"], seed)
     mt.heldout_ids = {
@@ -901,6 +932,7 @@ def build_examples(facts: Facts, *, tiny: bool, seed: int) -> tuple[list[Example
         t, h = generate(skill, seed, sizes["heldout"])
         train += t
         held += h
+    add_lead_ins(train, seed)
     rng = seeded_rng(seed, "shuffle")
     rng.shuffle(train)
     rng.shuffle(held)
@@ -908,6 +940,18 @@ def build_examples(facts: Facts, *, tiny: bool, seed: int) -> tuple[list[Example
         s.name: {lang: sorted(ids) for lang, ids in s.heldout_ids.items()} for s in [*skills, mt] if s.heldout_ids
     }
     return train, held, held_ids
+
+
+def add_lead_ins(train: list[Example], seed: int) -> None:
+    """Prefix a seeded share of the LEAD_IN_SKILLS' training questions with a lead-in, in place."""
+    rng = seeded_rng(seed, "lead-ins")
+    for example in train:
+        if example["skill"] in LEAD_IN_SKILLS and rng.random() < LEAD_IN_SHARE:
+            lead_in = rng.choice(LEAD_INS[example["lang"]])
+            question = example["prompt"]
+            if example["lang"] == "en" and lead_in[-2] in ":,":  # "Hey, what is ..." but "Hi! What is ..."
+                question = question[0].lower() + question[1:] if question[:2] != "I'" else question
+            example["prompt"] = lead_in + question
 
 
 SKILL_NOTES = {
