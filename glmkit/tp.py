@@ -22,6 +22,7 @@ wait as long as a user takes to type.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -59,7 +60,7 @@ def init(tp: int, device: str | torch.device = "cpu", timeout_s: float = DEFAULT
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
         # Left to the interpreter's teardown, gloo's threads were now and then destroyed while joinable,
         # and a rank that had finished its work died with SIGABRT ("terminate called without an active
-        # exception"), failing the whole torchrun job.
+        # exception"), failing the whole torchrun job. So ranks leave together, explicitly.
         atexit.register(_leave)
         _control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         seed = broadcast_object(int(torch.randint(0, 2**62, ()).item()) if rank() == 0 else None)
@@ -68,7 +69,11 @@ def init(tp: int, device: str | torch.device = "cpu", timeout_s: float = DEFAULT
 
 
 def _leave() -> None:
+    """Every rank reaches this point before any closes its connections: a rank whose peer vanished
+    mid-teardown aborted too."""
     if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer already gone: nothing is left to coordinate
+            dist.barrier()
         dist.destroy_process_group()
 
 
