@@ -38,6 +38,7 @@ from glmkit.quantize import QuantizedLinear
 from glmkit.tp_layout import merge_tensors, shard_dim, split_tensor
 
 DEFAULT_TIMEOUT_S = 300.0
+LEAVE_TIMEOUT_S = 30.0  # how long a finished rank waits for the others at exit
 _control: Any = None
 
 
@@ -70,10 +71,11 @@ def init(tp: int, device: str | torch.device = "cpu", timeout_s: float = DEFAULT
 
 def _leave() -> None:
     """Every rank reaches this point before any closes its connections: a rank whose peer vanished
-    mid-teardown aborted too."""
+    mid-teardown aborted too. The wait is short: a rank leaving on an error, with its peers stuck in a
+    collective, must not wait out the collective timeout before torchrun can stop the job."""
     if dist.is_initialized():
-        with contextlib.suppress(Exception):  # a peer already gone: nothing is left to coordinate
-            dist.barrier()
+        with contextlib.suppress(Exception):  # a peer already gone or stuck: nothing is left to coordinate
+            dist.monitored_barrier(_control, timeout=timedelta(seconds=LEAVE_TIMEOUT_S))  # gloo, also on GPUs
         dist.destroy_process_group()
 
 

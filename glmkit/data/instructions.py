@@ -949,9 +949,8 @@ def add_lead_ins(train: list[Example], seed: int) -> None:
         if example["skill"] in LEAD_IN_SKILLS and rng.random() < LEAD_IN_SHARE:
             lead_in = rng.choice(LEAD_INS[example["lang"]])
             question = example["prompt"]
-            if example["lang"] == "en" and lead_in[-2] in ":,":  # "Hey, what is ..." but "Hi! What is ..."
-                question = question[0].lower() + question[1:] if question[:2] != "I'" else question
-            example["prompt"] = lead_in + question
+            lower = example["lang"] == "en" and lead_in[-2] in ":," and not question.startswith("I'")
+            example["prompt"] = lead_in + (question[0].lower() + question[1:] if lower else question)  # "Hey, what"
 
 
 SKILL_NOTES = {

@@ -79,9 +79,6 @@ class Serving:
 
     def params(self, request: SamplingFields, choice: int = 0) -> SamplingParams:
         """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
-        if (name := request.unsupported()) is not None:
-            raise APIError(400, f"{name} is not supported by this server; send the request without it",
-                           code="unsupported_parameter", param=name)
         return SamplingParams(
             max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
             temperature=request.temperature or 1.0, top_p=request.top_p,
@@ -161,6 +158,9 @@ class Serving:
 
     async def _respond(self, request: SamplingFields, prompt: str, chat: bool) -> dict | AsyncIterator[str]:
         """Chat answers get ChatGLM's clean-up (as model.chat does); plain completions are raw text."""
+        if (name := request.unsupported()) is not None:
+            raise APIError(400, f"{name} is not supported by this server; send the request without it",
+                           code="unsupported_parameter", param=name)
         ids = self.encode(prompt, request.max_tokens)
         params = [self.params(request, i) for i in range(request.n)]  # n choices: n requests, batched together
         stop = request.stop_strings()
