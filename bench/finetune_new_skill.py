@@ -25,7 +25,7 @@ from glmkit.adapters import LoraConfig
 from glmkit.bench import machine
 from glmkit.data.compare import compare_records
 from glmkit.demo import read_jsonl
-from glmkit.evaluate import exact_match
+from glmkit.evaluate import exact_match, skill_rows
 from glmkit.finetune import FinetuneConfig, finetune
 from glmkit.train import TrainConfig
 
@@ -41,7 +41,7 @@ METHODS = {
 
 def accuracy(model, tokenizer, records) -> dict:
     report = exact_match(model, tokenizer, records, progress=False)
-    return {k: v["accuracy"] for k, v in report.items() if k not in ("samples", "answer_language_match")}
+    return {k: v["accuracy"] for k, v in skill_rows(report).items()}
 
 
 def run(method: str, skills: list[dict] | None, train_count: int, heldout_count: int, bits: int | None) -> dict:

@@ -383,17 +383,21 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 def cmd_eval_chat(args: argparse.Namespace) -> int:
     from glmkit.demo import read_jsonl
-    from glmkit.evaluate import exact_match
+    from glmkit.evaluate import exact_match, skill_rows
 
     model, tokenizer = load_from_args(args, progress=False)
     report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
-    samples, language = report.pop("samples"), report.pop("answer_language_match")
+    samples, language, phrasings = report["samples"], report["answer_language_match"], report["by_template"]
     print(f"{'skill/lang':24} {'correct':>8} {'total':>6} {'accuracy':>9}")
-    for key, row in report.items():
+    for key, row in skill_rows(report).items():
         print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}")
+    if args.by_template:
+        print(f"\n{'skill/lang#template':24} {'correct':>8} {'total':>6} {'accuracy':>9}  e.g.")
+        for key, row in phrasings.items():
+            print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}  {row['example']}")
     print("answers in the reference answer's language: " + ", ".join(f"{k} {v:.1%}" for k, v in language.items()))
     for skill, rows in samples.items():
         print(f"e.g. {skill}: {rows[0]['prompt']!r} -> {rows[0]['answer']!r} (expected {rows[0]['expected']!r})")
@@ -698,6 +702,8 @@ def add_pipeline_parsers(sub) -> None:
     add_model_args(ev)
     ev.add_argument("--data", type=Path, required=True, help="JSONL of {skill, lang, prompt, response, history}")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--by-template", action="store_true",
+                    help="also one row per phrasing (the records' template id), with an example question")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval_chat)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import torch
 
 from glmkit.api import GLMForCausalLM
 from glmkit.config import GLMConfig
-from glmkit.evaluate import exact_match, perplexity
+from glmkit.evaluate import exact_match, perplexity, skill_rows
 from glmkit.objectives import Specials
 from glmkit.tokenizer import ChatGLMTokenizer, train_sentencepiece
 from glmkit.train import TrainConfig, interleave, pretrain_batches, sft_batches, sft_examples, train
@@ -86,14 +87,49 @@ def stage_data(work: Path, tiny: bool, seed: int) -> Path:
     return out
 
 
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def chinese_word_chunks(text: str) -> list[str]:
+    """`text` cut only between jieba words where one side is Chinese, for tokenizer training.
+
+    Cutting English too would separate words from the space before them ("▁state" would never be
+    learned), so runs without Chinese stay whole and SentencePiece splits them at spaces as usual.
+    """
+    import jieba  # a dependency, but slow to import: only needed to rebuild
+
+    jieba.setLogLevel(60)
+    chunks: list[str] = []
+    spaces = ""  # a space belongs to the word after it, as SentencePiece's "▁" prefix does
+    for word in jieba.cut(text, HMM=False):
+        if word.isspace():
+            spaces += word
+            continue
+        word, spaces = spaces + word, ""
+        if chunks and (_CJK.match(word.lstrip()[0]) or _CJK.match(chunks[-1][-1])):
+            chunks.append(word)
+        elif chunks:
+            chunks[-1] += word
+        else:
+            chunks.append(word)
+    if spaces and chunks:
+        chunks[-1] += spaces
+    elif spaces:
+        chunks.append(spaces)
+    return chunks
+
+
 def stage_tokenizer(work: Path, data: Path, recipe: Recipe) -> ChatGLMTokenizer:
+    """The vocabulary is learned from the corpus and the chat data, with pieces kept inside Chinese words:
+    the chat templates repeat thousands of times and would otherwise fuse a name with the template around
+    it ("孟加拉国的首都" was one piece), so the model could not copy the name out of a new phrasing."""
     out = work / "tokenizer"
     if not (out / "ice_text.model").exists():
         texts = [d["text"] for d in read_jsonl(data / "pretrain" / "train.jsonl")]
         for r in read_jsonl(data / "sft" / "train.jsonl"):
             texts += [r["prompt"], r["response"], *(t for turn in r.get("history", []) for t in turn)]
         train_sentencepiece(texts, out, vocab_size=recipe.vocab_size, character_coverage=recipe.character_coverage,
-                            num_threads=1, hard_vocab_limit=False)
+                            num_threads=1, hard_vocab_limit=False, word_chunks=chinese_word_chunks)
     return ChatGLMTokenizer.from_pretrained(out)
 
 
@@ -224,7 +260,7 @@ def export(final: Path, out: Path, data: Path, recipe: Recipe, report: dict) -> 
 def model_card(meta: dict) -> str:
     """The shipped model's card, written from its measurements so that a rebuild keeps it true."""
     report, recipe = meta["evaluation"], meta["recipe"]
-    accuracy = {k: v for k, v in report["exact_match"].items() if k not in ("samples", "answer_language_match")}
+    accuracy = skill_rows(report["exact_match"])
     rows = "\n".join(f"| {k} | {v['correct']}/{v['total']} | {v['accuracy']:.1%} |" for k, v in accuracy.items())
     ppl = report["perplexity"]
     ppl_rows = "\n".join(f"| {lang} | {ppl['pretrained'].get(lang)} | {ppl['fine_tuned'].get(lang)} |"

@@ -52,8 +52,10 @@ def language_of(text: str) -> str:
 
 def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 32,
                 max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
-    """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly."""
+    """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly; also per phrasing
+    ("by_template", for records that carry a template id), answer language, and a few samples."""
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_phrasing: dict[str, list] = defaultdict(lambda: [0, 0, ""])
     same_language: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     samples: dict[str, list] = defaultdict(list)
     # Similar lengths together: less padding, and padding does not change answers anyway.
@@ -65,6 +67,9 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
             for key in (f"{record['skill']}/{record['lang']}", "all"):
                 hits[key][0] += ok
                 hits[key][1] += 1
+            if "template" in record:
+                row = by_phrasing[f"{record['skill']}/{record['lang']}#{record['template']}"]
+                row[0], row[1], row[2] = row[0] + ok, row[1] + 1, row[2] or record["prompt"]
             expected_language = language_of(record["response"])
             same_language[expected_language][0] += language_of(answer) == expected_language
             same_language[expected_language][1] += 1
@@ -73,10 +78,18 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
                                                   "answer": answer})
     report = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(hits.items())}
     report["samples"] = dict(samples)
+    # Per phrasing (template id), with one of its questions: which wordings the model has not generalised to.
+    report["by_template"] = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "example": example}
+                             for k, (c, n, example) in sorted(by_phrasing.items())}
     # Whether answers come in the language the reference answer is in (that of the question, except for
     # poems, whose lines are Chinese whatever the question's language).
     report["answer_language_match"] = {k: round(c / n, 4) for k, (c, n) in sorted(same_language.items())}
     return report
+
+
+def skill_rows(report: dict) -> dict[str, dict]:
+    """The per-"skill/lang" rows (and "all") of an `exact_match` report, without its other sections."""
+    return {k: v for k, v in report.items() if k not in ("samples", "answer_language_match", "by_template")}
 
 
 def perplexity(model: GLM, tokenizer: ChatGLMTokenizer, texts: Sequence[str], max_tokens: int = 256,

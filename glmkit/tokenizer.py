@@ -20,7 +20,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ BYTE_PIECES = tuple(f"<0x{i:02X}>" for i in range(256))
 REQUIRED_SPECIALS = ("<unk>", "<pad>", NEWLINE_PIECE, "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
 
 _SPACE_RUN = re.compile(" {2,}")
+_WORD_DELIMITER = "\uf8ff"  # a private-use character: SentencePiece cuts at it while training and drops it
 _WHITESPACE_PIECE = re.compile(r"<n>|<\|tab\|>|<\|blank_(\d+)\|>")
 
 
@@ -450,6 +451,7 @@ def train_sentencepiece(
     input_sentence_size: int = 2_000_000,
     seed: int = 0,
     num_threads: int = 8,
+    word_chunks: Callable[[str], Iterable[str]] | None = None,
     **options: Any,
 ) -> Path:
     """Train a SentencePiece model with ChatGLM's special pieces and id layout; write it to `output_dir`.
@@ -463,6 +465,11 @@ def train_sentencepiece(
     (ChatGLM's) or "bpe" ("word" models lack a lone `▁`, so spaces would not come back; this is
     checked). Other SentencePiece trainer options pass through `options` (e.g. hard_vocab_limit=False
     for a tiny corpus, minloglevel=0 for progress logs), except those that fix the layout.
+
+    `word_chunks`, when given, cuts each pre-processed sentence into chunks (their concatenation must
+    be the sentence) and no learned piece crosses a cut. This is for training only: encoding is
+    unchanged. Chinese has no spaces, so without it text repeated thousands of times (templated chat
+    data) fuses words into pieces like "国的首都", which split names where the template begins.
 
     Normalisation is "identity" with remove_extra_whitespaces=False and split_digits=True, so that
     decode(encode(text)) == text exactly. The released ice_text.model uses NFKC, which rewrites
@@ -478,7 +485,9 @@ def train_sentencepiece(
     if locked:
         raise ValueError(f"options {locked} would break ChatGLM's piece layout; they are fixed by train_sentencepiece")
     spec = _trainer_spec(vocab_size, model_type, character_coverage, input_sentence_size, num_threads, options)
-    feed = _SentenceFeed(texts, spec["max_sentence_length"])
+    if word_chunks is not None:
+        spec["pretokenization_delimiter"] = _WORD_DELIMITER
+    feed = _SentenceFeed(texts, spec["max_sentence_length"], word_chunks)
     trained = _train(feed, spec, seed)
     reordered = _reorder(trained, model_pb2)
     _verify_reorder(trained, reordered, feed.sample)
@@ -560,8 +569,10 @@ def _chunks(text: str, limit: int) -> Iterator[str]:
 class _SentenceFeed:
     """Pre-processed sentences for the trainer; keeps the first few for verification, and any error it met."""
 
-    def __init__(self, texts: Iterable[str | os.PathLike], limit: int) -> None:
-        self.texts, self.limit = texts, limit
+    def __init__(
+        self, texts: Iterable[str | os.PathLike], limit: int, word_chunks: Callable[[str], Iterable[str]] | None
+    ) -> None:
+        self.texts, self.limit, self.word_chunks = texts, limit, word_chunks
         self.sample: list[str] = []
         self.error: Exception | None = None
 
@@ -575,11 +586,19 @@ class _SentenceFeed:
             raise
 
     def _sentences(self, document: str) -> Iterator[str]:
-        for sentence in _chunks(preprocess(document), self.limit):
+        # A delimiter (3 bytes) may follow each character (>= 1 byte): a quarter of the limit keeps it fitting.
+        limit = self.limit if self.word_chunks is None else self.limit // 4
+        for sentence in _chunks(preprocess(document), limit):
             if sentence:
                 if len(self.sample) < _SAMPLE_SIZE:
                     self.sample.append(sentence)
-                yield sentence
+                yield sentence if self.word_chunks is None else self._delimited(sentence)
+
+    def _delimited(self, sentence: str) -> str:
+        chunks = list(self.word_chunks(sentence.replace(_WORD_DELIMITER, "")))
+        if "".join(chunks) != sentence.replace(_WORD_DELIMITER, ""):
+            raise ValueError(f"word_chunks must cut a sentence, not change it: {sentence[:80]!r} -> {chunks[:8]}")
+        return _WORD_DELIMITER.join(chunks)
 
 
 def _train(feed: _SentenceFeed, spec: dict[str, Any], seed: int) -> bytes:

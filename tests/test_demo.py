@@ -6,7 +6,7 @@ import json
 import pytest
 
 import glmkit
-from glmkit.demo import build_demo, weighted
+from glmkit.demo import build_demo, chinese_word_chunks, weighted
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,35 @@ def test_eval_chat_prints_a_table_per_skill_and_language(built):
     import sys
     work, out, _ = built
     result = subprocess.run([sys.executable, "-m", "glmkit", "eval-chat", "--model", str(out), "--data",
-                             str(work / "data" / "sft" / "heldout.jsonl")], capture_output=True, text=True,
-                            check=True, timeout=300)
+                             str(work / "data" / "sft" / "heldout.jsonl"), "--by-template"],
+                            capture_output=True, text=True, check=True, timeout=300)
     assert "capital/en" in result.stdout and "capital/zh" in result.stdout and "all" in result.stdout
+    held = [json.loads(line) for line in (work / "data" / "sft" / "heldout.jsonl").open(encoding="utf-8")]
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if "#" in line.split(" ", 1)[0]}
+    for r in held:  # one row per held-out phrasing, showing one of its questions
+        if r["skill"] == "capital" and r["lang"] == "zh":
+            row = rows[f"capital/zh#{r['template']}"]
+            assert any(q["prompt"] in row for q in held if q["template"] == r["template"] and q["skill"] == "capital")
     assert "answers in the reference answer's language" in result.stdout
+
+
+@pytest.mark.slow
+def test_tokenizer_pieces_stay_inside_chinese_words(built):
+    """The chat templates repeat thousands of times; names must not fuse with them (e.g. "国的首都")."""
+    work, _, _ = built
+    tokenizer = glmkit.ChatGLMTokenizer.from_pretrained(work / "tokenizer")
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("说一下英国的首都。", add_special_tokens=False)]
+    assert not any("国" in p and len(p) > 1 and p not in ("英国",) for p in pieces), pieces
+    assert "".join(pieces) == "说一下英国的首都。"
+
+
+def test_chinese_word_chunks_cut_between_words_only_where_chinese_is():
+    assert chinese_word_chunks("说一下英国的首都。") == ["说", "一下", "英国", "的", "首都", "。"]
+    # English stays whole, and a space goes with the word after it, as SentencePiece's "▁" does.
+    assert chinese_word_chunks("把 state 翻译成中文。") == ["把", " state", " 翻译成", "中文", "。"]
+    assert chinese_word_chunks("What is 23 plus 45?") == ["What is 23 plus 45?"]
+    for text in ("  ", "你好 ", " 你好", "“苹果”的英文是 apple。<n>你好"):
+        assert "".join(chinese_word_chunks(text)) == text
 
 
 def test_language_of_answers():

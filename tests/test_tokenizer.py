@@ -5,8 +5,10 @@ blanks, UTF-8 bytes, the released id layout), never from the encoder under test.
 
 import json
 import random
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -409,3 +411,36 @@ def test_training_without_protobuf_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
     with pytest.raises(ImportError, match="pip install protobuf"):
         train_sentencepiece(sample_corpus(), tmp_path, vocab_size=500)
+
+
+def _capital_lines() -> list[str]:
+    rng = random.Random(0)
+    names = ["".join(rng.choice("甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉") for _ in range(2)) for _ in range(60)]
+    return [f"{rng.choice(names)}的首都是{rng.choice(names)}。" for _ in range(3000)] + sample_corpus()
+
+
+def test_word_chunks_keep_learned_pieces_inside_words(tmp_path):
+    template = set("的首都是。")
+
+    def fused(out: Path) -> list[str]:
+        sp = ChatGLMTokenizer.from_pretrained(out).sp
+        pieces = [sp.id_to_piece(i).lstrip("▁") for i in range(sp.get_piece_size())]
+        return [p for p in pieces if set(p) & template and set(p) - template and p != "首都"]
+
+    # Without cuts the repeated template fuses with the names around it: the case this option exists for.
+    plain = train_sentencepiece(_capital_lines(), tmp_path / "plain", vocab_size=900, hard_vocab_limit=False)
+    assert fused(plain)
+
+    def words(sentence: str) -> list[str]:
+        return [chunk for chunk in re.split("(的|首都|是|。)", sentence) if chunk]
+
+    cut = train_sentencepiece(_capital_lines(), tmp_path / "cut", vocab_size=900, hard_vocab_limit=False,
+                              word_chunks=words)
+    assert not fused(cut)
+    tokenizer = ChatGLMTokenizer.from_pretrained(cut)
+    text = "甲乙的首都是丙丁。 the model reads"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+    with pytest.raises(ValueError, match="word_chunks must cut"):
+        train_sentencepiece(["甲乙的首都"] * 50, tmp_path / "bad", vocab_size=500, hard_vocab_limit=False,
+                            word_chunks=lambda s: [s.upper(), "x"])
