@@ -277,7 +277,8 @@ the package registries. It knows a few narrow skills; it is a demo of the pipeli
 
 - {meta['parameters']:,} parameters: {m['num_layers']} layers, hidden {m['hidden_size']}, \
 {m['num_attention_heads']} heads, MLP {m['inner_hidden_size']}, context {m['max_sequence_length']}; \
-vocabulary {recipe['vocab_size']} SentencePiece pieces in the ChatGLM layout; fp16 safetensors.
+vocabulary {recipe['vocab_size']} SentencePiece pieces in the ChatGLM layout, none across a Chinese word \
+boundary (jieba's words); fp16 safetensors.
 - Pre-training: GLM blank infilling, {recipe['pretrain']['steps']} steps of {recipe['pretrain']['batch_size']} \
 x {recipe['pretrain']['seq_len']} tokens. Chat fine-tuning: {recipe['sft']['steps']} steps of \
 {recipe['sft']['batch_size']} examples, loss on answers only. Skill mix (repetitions per epoch, 1 when \

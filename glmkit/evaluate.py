@@ -55,7 +55,7 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
     """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly; also per phrasing
     ("by_template", for records that carry a template id), answer language, and a few samples."""
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    by_phrasing: dict[str, list] = defaultdict(lambda: [0, 0, ""])
+    by_phrasing: dict[tuple[str, object], list] = defaultdict(lambda: [0, 0, ""])
     same_language: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     samples: dict[str, list] = defaultdict(list)
     # Similar lengths together: less padding, and padding does not change answers anyway.
@@ -68,7 +68,7 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
                 hits[key][0] += ok
                 hits[key][1] += 1
             if "template" in record:
-                row = by_phrasing[f"{record['skill']}/{record['lang']}#{record['template']}"]
+                row = by_phrasing[(f"{record['skill']}/{record['lang']}", record["template"])]
                 row[0], row[1], row[2] = row[0] + ok, row[1] + 1, row[2] or record["prompt"]
             expected_language = language_of(record["response"])
             same_language[expected_language][0] += language_of(answer) == expected_language
@@ -79,12 +79,20 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
     report = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(hits.items())}
     report["samples"] = dict(samples)
     # Per phrasing (template id), with one of its questions: which wordings the model has not generalised to.
-    report["by_template"] = {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "example": example}
-                             for k, (c, n, example) in sorted(by_phrasing.items())}
+    report["by_template"] = {f"{key}#{template}": {"correct": c, "total": n, "accuracy": round(c / n, 4),
+                                                   "example": example}
+                             for (key, template), (c, n, example) in sorted(by_phrasing.items(), key=_by_id)}
     # Whether answers come in the language the reference answer is in (that of the question, except for
     # poems, whose lines are Chinese whatever the question's language).
     report["answer_language_match"] = {k: round(c / n, 4) for k, (c, n) in sorted(same_language.items())}
     return report
+
+
+def _by_id(item: tuple[tuple[str, object], list]) -> tuple[str, int, str]:
+    """skill/lang, then template ids in numeric order (2 before 10); ids that are not numbers last."""
+    (key, template), _ = item
+    text = str(template)
+    return key, int(text) if text.isdigit() else 1 << 62, text
 
 
 def skill_rows(report: dict) -> dict[str, dict]:

@@ -2,10 +2,13 @@
 never saw in these words. The questions below are the first three held-out questions of each skill in
 the dataset's held-out split (written by `glmkit data build`); the answers are the dataset's."""
 
+import json
+
 import pytest
 
 import glmkit
 from glmkit.api import DEMO_MODEL_DIR
+from glmkit.demo import model_card
 from glmkit.evaluate import exact_match
 
 HELD_OUT = [
@@ -54,11 +57,11 @@ def test_the_shipped_model_answers_held_out_questions(demo):
     model, tokenizer = demo
     records = [dict(skill=s, lang=lang, prompt=q, history=h, response=a) for s, lang, q, h, a in HELD_OUT]
     report = exact_match(model, tokenizer, records, progress=False)
-    # A regression guard set just under what the shipped model does: 23 of these 24 (the full held-out
-    # table is in its model card). Arithmetic, translation, English capitals and follow-ups are all right
-    # here; one Chinese capital question comes back with a stray "说" in front of the right answer.
-    assert report["all"]["accuracy"] >= 22 / 24, report["samples"]
-    for skill in ("arithmetic/en", "arithmetic/zh", "translate/en", "translate/zh", "capital/en"):
+    # A regression guard set just under what the shipped model does: 24 of these 24 (the full held-out
+    # table is in its model card). Every capital, translation and arithmetic question must be right,
+    # "说一下佛得角的首都。" included (the previous model answered it "说佛得角..."); one follow-up may slip.
+    assert report["all"]["accuracy"] >= 23 / 24, report["samples"]
+    for skill in ("arithmetic/en", "arithmetic/zh", "translate/en", "translate/zh", "capital/en", "capital/zh"):
         assert report[skill]["accuracy"] == 1.0, (skill, report["samples"])
     assert report["answer_language_match"] == {"en": 1.0, "zh": 1.0}
 
@@ -69,3 +72,14 @@ def test_it_says_what_it_is_in_both_languages(demo):
     en, _ = model.chat(tokenizer, "Who are you?", do_sample=False)
     assert "glmkit" in zh and "演示模型" in zh
     assert "glmkit" in en and "demo model" in en
+
+
+def test_the_model_card_is_written_from_the_models_measurements():
+    """The card is the generator's output for eval.json, and eval.json records #5's targets as met."""
+    meta = json.loads((DEMO_MODEL_DIR / "eval.json").read_text(encoding="utf-8"))
+    assert (DEMO_MODEL_DIR / "README.md").read_text(encoding="utf-8") == model_card(meta)
+    accuracy = meta["evaluation"]["exact_match"]
+    for skill in ("capital", "translate", "arithmetic"):
+        for lang in ("en", "zh"):
+            assert accuracy[f"{skill}/{lang}"]["accuracy"] >= 0.9, (skill, lang)
+            assert accuracy[f"{skill}/{lang}"]["total"] >= 60

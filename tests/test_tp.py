@@ -108,12 +108,24 @@ def reference(models: Path, spec: str) -> dict:
             "bytes": sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k != "lm_head.weight")}
 
 
-def check_against_tp1(models: Path, results: dict[str, dict], cases: dict[str, str], tp: int) -> None:
+def check_against_tp1(models: Path, results: dict[str, dict], cases: dict[str, str], tp: int,
+                      int8_activations: bool = False) -> None:
+    """TP=N gives TP=1's logits (1e-4) and tokens. With `int8_activations` (the native kernels round
+    each layer's input to int8) a row-parallel sum added in another order (the all-reduce) can move a
+    value across a rounding boundary in the next layer: a few logits then move by one rounding step
+    (measured up to 0.03 on a 2-core AMD EPYC, mean 6e-4), while a shard that rounded other activation
+    blocks than TP=1 moves all of them (mean 1e-2, as float activations do). So the mean is held to
+    2e-3, the greedy tokens must agree, and the sampled ones, which a 0.03 move can flip, are not
+    compared."""
     for name, spec in cases.items():
         got, want = results[name], reference(models, spec)
-        torch.testing.assert_close(got["logits"], want["logits"], atol=1e-4, rtol=0, msg=name)
+        if int8_activations:
+            gap = (got["logits"] - want["logits"]).abs()
+            assert gap.mean() < 2e-3 and gap.max() < 0.1, (name, gap.mean().item(), gap.max().item())
+        else:
+            torch.testing.assert_close(got["logits"], want["logits"], atol=1e-4, rtol=0, msg=name)
+            assert torch.equal(got["sampled"], want["sampled"]), name
         assert torch.equal(got["tokens"], want["tokens"]), name
-        assert torch.equal(got["sampled"], want["sampled"]), name
         for holding in got["ranks"]:  # nobody holds the whole model: about 1/tp of it plus the norms
             assert holding["bytes"] < want["bytes"] * (1 / tp + 0.1), (name, holding["bytes"], want["bytes"])
     first = results[next(iter(cases))]["tokens"]
@@ -134,7 +146,8 @@ def test_tp2_matches_tp1_for_every_architecture_and_precision(models, tmp_path):
 @pytest.mark.native_kernels
 @pytest.mark.skipif(not kernels.available(), reason="glmkit's native kernels need gcc and AVX2/FMA")
 def test_tp2_with_native_kernels_matches_tp1(tmp_path):
-    """Shards of 64 columns at TP=2: every rank rounds the same activation blocks as TP=1."""
+    """Shards of 64 columns at TP=2: every rank rounds the same activation blocks as TP=1 (to within
+    the rounding flips that the all-reduce's order can cause; see check_against_tp1)."""
     def config():
         return tiny_config(hidden_size=128, inner_hidden_size=512, tie_word_embeddings=False)
 
@@ -142,7 +155,7 @@ def test_tp2_with_native_kernels_matches_tp1(tmp_path):
     random_model(config(), seed=5).save_pretrained(tmp_path / "fp")
     cases = {"int4-group64-stored": "int4", "int8-on-load": "fp:8"}
     results = run_cases(tmp_path, 2, cases, tmp_path)
-    check_against_tp1(tmp_path, results, cases, 2)
+    check_against_tp1(tmp_path, results, cases, 2, int8_activations=True)
 
 
 @pytest.mark.slow
