@@ -83,3 +83,14 @@ def test_the_model_card_is_written_from_the_models_measurements():
         for lang in ("en", "zh"):
             assert accuracy[f"{skill}/{lang}"]["accuracy"] >= 0.9, (skill, lang)
             assert accuracy[f"{skill}/{lang}"]["total"] >= 60
+
+
+def test_accuracy_per_phrasing_in_template_order(demo):
+    model, tokenizer = demo
+    records = [dict(skill="capital", lang="zh", prompt=q, history=[], response=a, template=t) for q, a, t in [
+        ("说一下约旦的首都。", "约旦的首都是安曼。", 10), ("约旦的首都是哪里？", "约旦的首都是安曼。", 2),
+        ("约旦的首都是哪里？", "约旦的首都是巴黎。", 2), ("约旦首都？", "约旦的首都是安曼。", "extra")]]
+    rows = exact_match(model, tokenizer, records, progress=False)["by_template"]
+    assert list(rows) == ["capital/zh#2", "capital/zh#10", "capital/zh#extra"]  # 2 before 10; names last
+    assert (rows["capital/zh#2"]["correct"], rows["capital/zh#2"]["total"]) == (1, 2)
+    assert rows["capital/zh#10"] == {"correct": 1, "total": 1, "accuracy": 1.0, "example": "说一下约旦的首都。"}
