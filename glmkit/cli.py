@@ -390,13 +390,13 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
-    samples, language, phrasings = report["samples"], report["answer_language_match"], report["by_template"]
+    samples, language = report["samples"], report["answer_language_match"]
     print(f"{'skill/lang':24} {'correct':>8} {'total':>6} {'accuracy':>9}")
     for key, row in skill_rows(report).items():
         print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}")
     if args.by_template:
         print(f"\n{'skill/lang#template':24} {'correct':>8} {'total':>6} {'accuracy':>9}  e.g.")
-        for key, row in phrasings.items():
+        for key, row in report["by_template"].items():
             print(f"{key:24} {row['correct']:>8} {row['total']:>6} {row['accuracy']:>9.1%}  {row['example']}")
     print("answers in the reference answer's language: " + ", ".join(f"{k} {v:.1%}" for k, v in language.items()))
     for skill, rows in samples.items():

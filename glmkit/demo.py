@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -90,32 +91,33 @@ def stage_data(work: Path, tiny: bool, seed: int) -> Path:
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
+@cache
+def _jieba():
+    import jieba  # a dependency, but slow to import: only needed to rebuild
+
+    jieba.setLogLevel(60)
+    return jieba
+
+
 def chinese_word_chunks(text: str) -> list[str]:
     """`text` cut only between jieba words where one side is Chinese, for tokenizer training.
 
     Cutting English too would separate words from the space before them ("▁state" would never be
     learned), so runs without Chinese stay whole and SentencePiece splits them at spaces as usual.
     """
-    import jieba  # a dependency, but slow to import: only needed to rebuild
-
-    jieba.setLogLevel(60)
     chunks: list[str] = []
     spaces = ""  # a space belongs to the word after it, as SentencePiece's "▁" prefix does
-    for word in jieba.cut(text, HMM=False):
+    for word in _jieba().cut(text, HMM=False):
         if word.isspace():
             spaces += word
             continue
         word, spaces = spaces + word, ""
-        if chunks and (_CJK.match(word.lstrip()[0]) or _CJK.match(chunks[-1][-1])):
+        if not chunks or _CJK.match(word.lstrip()[0]) or _CJK.match(chunks[-1][-1]):
             chunks.append(word)
-        elif chunks:
-            chunks[-1] += word
         else:
-            chunks.append(word)
-    if spaces and chunks:
-        chunks[-1] += spaces
-    elif spaces:
-        chunks.append(spaces)
+            chunks[-1] += word
+    if spaces:  # trailing blanks stay with the last chunk
+        chunks[-1:] = [(chunks[-1] if chunks else "") + spaces]
     return chunks
 
 

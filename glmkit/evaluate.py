@@ -69,7 +69,7 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
                 hits[key][1] += 1
             if "template" in record:
                 row = by_phrasing[(f"{record['skill']}/{record['lang']}", record["template"])]
-                row[0], row[1], row[2] = row[0] + ok, row[1] + 1, row[2] or record["prompt"]
+                row[:] = row[0] + ok, row[1] + 1, row[2] or record["prompt"]
             expected_language = language_of(record["response"])
             same_language[expected_language][0] += language_of(answer) == expected_language
             same_language[expected_language][1] += 1

@@ -595,8 +595,9 @@ class _SentenceFeed:
                 yield sentence if self.word_chunks is None else self._delimited(sentence)
 
     def _delimited(self, sentence: str) -> str:
-        chunks = list(self.word_chunks(sentence.replace(_WORD_DELIMITER, "")))
-        if "".join(chunks) != sentence.replace(_WORD_DELIMITER, ""):
+        plain = sentence.replace(_WORD_DELIMITER, "")  # a delimiter in the text itself would be a cut
+        chunks = list(self.word_chunks(plain))
+        if "".join(chunks) != plain:
             raise ValueError(f"word_chunks must cut a sentence, not change it: {sentence[:80]!r} -> {chunks[:8]}")
         return _WORD_DELIMITER.join(chunks)
 
