@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glmkit.bench import SHAPES, machine, random_model, random_prompt  # noqa: E402
-from glmkit.generation import decode_one_token, prefill  # noqa: E402
+from glmkit.generation.generate import decode_one_token, prefill  # noqa: E402
+from glmkit.perf.speed import SHAPES, machine, random_model, random_prompt  # noqa: E402
 
 
 def time_decode(model, config, steps: int) -> dict:

@@ -22,14 +22,14 @@ import time
 
 import torch
 
-from glmkit.adapters import LoraConfig
-from glmkit.bench import machine, random_model
-from glmkit.checkpoint import release_freed_memory
-from glmkit.config import preset
-from glmkit.finetune import FinetuneConfig, prepare, trainable
-from glmkit.objectives import Specials, chat_example, collate
-from glmkit.positions import SpecialIds
-from glmkit.train import loss_of, make_optimizer
+from glmkit.checkpoints.hf import release_freed_memory
+from glmkit.models.config import preset
+from glmkit.models.positions import SpecialIds
+from glmkit.peft.adapters import LoraConfig
+from glmkit.perf.speed import machine, random_model
+from glmkit.training.finetune import FinetuneConfig, prepare, trainable
+from glmkit.training.loop import loss_of, make_optimizer
+from glmkit.training.objectives import Specials, chat_example, collate
 
 ROWS = [  # (method, bits, layers); full precision does not fit at 28 blocks in 24 GiB, so 1 and 2 are measured
     ("ptuning", 4, 28), ("lora", 4, 28), ("ptuning", 8, 28), ("lora", 8, 28),

@@ -1,6 +1,6 @@
 """Teach the shipped demo model a skill it lacks, with each fine-tuning method, and measure forgetting.
 
-The new skill: "which of two numbers is larger", in English and Chinese (glmkit/data/compare.py);
+The new skill: "which of two numbers is larger", in English and Chinese (glmkit/training/data/compare.py);
 held-out questions use operand pairs never seen in training. For each method: held-out accuracy on
 the new skill before and after, and held-out accuracy on the demo model's own skills before and
 after (what fine-tuning costs the model). Prints JSON; the README quotes it.
@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from glmkit import load
-from glmkit.adapters import LoraConfig
-from glmkit.bench import machine
-from glmkit.data.compare import compare_records
-from glmkit.demo import read_jsonl
-from glmkit.evaluate import exact_match, skill_rows
-from glmkit.finetune import FinetuneConfig, finetune
-from glmkit.train import TrainConfig
+from glmkit.eval.skills import exact_match, skill_rows
+from glmkit.peft.adapters import LoraConfig
+from glmkit.perf.speed import machine
+from glmkit.training.data.compare import compare_records
+from glmkit.training.demo import read_jsonl
+from glmkit.training.finetune import FinetuneConfig, finetune
+from glmkit.training.loop import TrainConfig
 
 ALL_LINEARS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # Per method: steps of 16 examples and a learning rate that reach the skill on this model (chosen by

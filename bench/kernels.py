@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glmkit import kernels  # noqa: E402
-from glmkit.bench import machine  # noqa: E402
-from glmkit.quantize import QuantizedLinear  # noqa: E402
+from glmkit.perf.speed import machine  # noqa: E402
+from glmkit.quant import kernels  # noqa: E402
+from glmkit.quant.quantize import QuantizedLinear  # noqa: E402
 
 SHAPES = {"qkv 12288x4096": (12288, 4096), "h_to_4h 16384x4096": (16384, 4096), "4h_to_h 4096x16384": (4096, 16384)}
 

@@ -1,7 +1,7 @@
 """How much INT8 and INT4 change a model: logit gap, perplexity, greedy agreement. Prints JSON.
 
 On the shipped demo model (default) or any model directory: the max and mean absolute logit
-difference against full precision over held-out text, held-out perplexity (glmkit.evaluate), and the
+difference against full precision over held-out text, held-out perplexity (glmkit.eval.skills), and the
 share of greedy chat answers that stay identical. Then on a random-weight model with ChatGLM-6B's
 ratios (hidden 1024, 4 layers): the logit gap relative to the logits' size, with glmkit's native
 kernels (int8 activations) and with PyTorch's ops (float activations), which separates what the
@@ -18,11 +18,11 @@ import json
 import torch
 
 import glmkit
-from glmkit import kernels
-from glmkit.api import GLMForCausalLM
-from glmkit.bench import SHAPES
-from glmkit.evaluate import perplexity
-from glmkit.quantize import quantize_embeddings, quantize_model
+from glmkit.eval.skills import perplexity
+from glmkit.perf.speed import SHAPES
+from glmkit.pretrained import GLMForCausalLM
+from glmkit.quant import kernels
+from glmkit.quant.quantize import quantize_embeddings, quantize_model
 
 # name -> (block linear bits, embedding and output table bits; 0: full precision)
 VARIANTS = {"int8": (8, 0), "int4": (4, 0), "int4-qe8": (4, 8), "int4-qe4": (4, 4)}

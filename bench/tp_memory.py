@@ -25,8 +25,8 @@ SHAPE = dict(vocab_size=32768, hidden_size=2048, num_layers=6, num_attention_hea
 
 
 def build(directory: Path) -> None:
-    from glmkit.bench import random_model
-    from glmkit.config import GLMConfig
+    from glmkit.models.config import GLMConfig
+    from glmkit.perf.speed import random_model
 
     if (directory / "config.json").exists():
         return
@@ -45,7 +45,7 @@ def memory_mib() -> dict[str, float]:
 def measure(directory: Path, tp: int) -> list[dict]:
     """Load at `tp`, generate 16 tokens from a 64-token prompt; every rank's memory, gathered."""
     from glmkit import GLMForCausalLM, SamplingParams
-    from glmkit.generation import generate
+    from glmkit.generation.generate import generate
 
     before = memory_mib()  # torch and glmkit imported, nothing loaded
     model = GLMForCausalLM.from_pretrained(directory, tp=tp, progress=False)

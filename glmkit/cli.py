@@ -16,7 +16,7 @@
     glmkit reshard SRC DST --tp N             per-rank checkpoint files for tensor parallelism
     glmkit eval [TASK.yaml|DIR|NAME ...]      GLM-130B-style tasks: multiple choice, generation, LM
 
-Model commands take --tp N under `torchrun --nproc-per-node N -m glmkit ...` (glmkit/tp.py).
+Model commands take --tp N under `torchrun --nproc-per-node N -m glmkit ...` (glmkit/parallel/tp.py).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from glmkit import tp as tp_lib
-from glmkit.api import GLMForCausalLM, NoDefaultModelError, load
-from glmkit.chat import CHAT_DEFAULTS
-from glmkit.checkpoint import CheckpointError, describe
-from glmkit.config import ConfigError
-from glmkit.quantize import embedding_group
+from glmkit.checkpoints.hf import CheckpointError, describe
+from glmkit.generation.chat import CHAT_DEFAULTS
+from glmkit.models.config import ConfigError
+from glmkit.parallel import tp as tp_lib
+from glmkit.pretrained import GLMForCausalLM, NoDefaultModelError, load
+from glmkit.quant.quantize import embedding_group
 
 CHAT_HELP = """\
 glmkit chat: type a message and press Enter.
@@ -221,8 +221,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(args, progress=False)
     prompt = text_argument(args.prompt, args.tp)
-    from glmkit.chat import stream_text
-    from glmkit.generation import SamplingParams
+    from glmkit.generation.chat import stream_text
+    from glmkit.generation.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), **sampling_kwargs(args))
     printed = ""
@@ -235,8 +235,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
-    from glmkit.generation import SamplingParams
-    from glmkit.infill import fill_text
+    from glmkit.generation.generate import SamplingParams
+    from glmkit.generation.infill import fill_text
 
     model, tokenizer = load_from_args(args, progress=False)
     text = text_argument(args.text, args.tp)
@@ -306,7 +306,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from glmkit.reshard import reshard
+    from glmkit.checkpoints.reshard import reshard
 
     files = reshard(args.src, args.dst, args.tp)
     size = sum(f.stat().st_size for f in files)
@@ -316,7 +316,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from glmkit.bench import report, run
+    from glmkit.perf.speed import report, run
 
     result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
                  measure_load=args.load, repeats=args.repeats,
@@ -326,14 +326,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from glmkit.data.build import build_dataset
+    from glmkit.training.data.build import build_dataset
 
     print(json.dumps(build_dataset(args.out, tiny=args.tiny, seed=args.seed), indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_data_tasks(args: argparse.Namespace) -> int:
-    from glmkit.harness.shipped import build_tasks
+    from glmkit.eval.shipped import build_tasks
 
     print(json.dumps(build_tasks(args.data, args.out, seed=args.seed), indent=2))
     return 0
@@ -343,7 +343,7 @@ def recipe_from(args: argparse.Namespace):
     """The demo recipe (or its tiny slice), with the stage's training options overridden from flags."""
     import dataclasses
 
-    from glmkit.demo import FULL, TINY
+    from glmkit.training.demo import FULL, TINY
 
     recipe = dataclasses.replace(TINY if args.tiny else FULL)
     stage = getattr(recipe, args.stage)
@@ -354,8 +354,8 @@ def recipe_from(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from glmkit.demo import stage_pretrain, stage_sft
-    from glmkit.tokenizer import ChatGLMTokenizer
+    from glmkit.text.tokenizer import ChatGLMTokenizer
+    from glmkit.training.demo import stage_pretrain, stage_sft
 
     recipe = recipe_from(args)
     tokenizer = ChatGLMTokenizer.from_pretrained(args.tokenizer)
@@ -371,7 +371,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
-    from glmkit.demo import build_demo
+    from glmkit.training.demo import build_demo
 
     report = build_demo(args.work, args.out, tiny=args.tiny, seed=args.seed)
     accuracy = {k: v for k, v in report["exact_match"].items() if k != "samples"}
@@ -382,8 +382,8 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_chat(args: argparse.Namespace) -> int:
-    from glmkit.demo import read_jsonl
-    from glmkit.evaluate import exact_match, skill_rows
+    from glmkit.eval.skills import exact_match, skill_rows
+    from glmkit.training.demo import read_jsonl
 
     model, tokenizer = load_from_args(args, progress=False)
     report = exact_match(model, tokenizer, read_jsonl(args.data), batch_size=args.batch_size)
@@ -405,7 +405,7 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from glmkit.harness import evaluate, format_table, resolve_tasks
+    from glmkit.eval.harness import evaluate, format_table, resolve_tasks
 
     for flag in ("batch_size", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -427,9 +427,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import math
 
-    from glmkit.adapters import LoraConfig
-    from glmkit.finetune import DEFAULT_LR, FinetuneConfig, finetune, read_chat_records
-    from glmkit.train import TrainConfig
+    from glmkit.peft.adapters import LoraConfig
+    from glmkit.training.finetune import DEFAULT_LR, FinetuneConfig, finetune, read_chat_records
+    from glmkit.training.loop import TrainConfig
 
     if args.adapter is not None:
         raise ValueError("finetune trains a new adapter on --model; to go on training one, rerun the command that "
@@ -464,7 +464,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from glmkit.adapters import merge_adapter
+    from glmkit.peft.adapters import merge_adapter
 
     if args.adapter is None:
         raise ValueError("merge needs --adapter DIR (the adapter to fold into --model)")
@@ -479,8 +479,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_gen(args: argparse.Namespace) -> int:
-    from glmkit.evaluate import generation_report
-    from glmkit.finetune import read_chat_records
+    from glmkit.eval.skills import generation_report
+    from glmkit.training.finetune import read_chat_records
 
     records = read_chat_records(args.data)
     model, tokenizer = load_from_args(args, progress=False)
@@ -581,8 +581,8 @@ file) into DST, or pass it with --tokenizer."""
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from glmkit.config import PRESETS
-    from glmkit.sat import SIZE_ARGUMENTS, convert_sat, sat_config
+    from glmkit.checkpoints.sat import SIZE_ARGUMENTS, convert_sat, sat_config
+    from glmkit.models.config import PRESETS
 
     sizes = dict(PRESETS[args.preset]) if args.preset else {}
     sizes = {k: v for k, v in sizes.items() if k in SIZE_ARGUMENTS}

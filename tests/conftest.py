@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from glmkit.tokenizer import ChatGLMTokenizer, train_sentencepiece
+from glmkit.text.tokenizer import ChatGLMTokenizer, train_sentencepiece
 
 from samples import sample_corpus
 
@@ -27,6 +27,6 @@ def tokenizer(tokenizer_dir: Path) -> ChatGLMTokenizer:
 def pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """Quantized layers on PyTorch's weight-only ops (float activations) instead of glmkit's native
     kernels (int8 activations): the path a machine without gcc or AVX2 takes, exact to the weights."""
-    from glmkit import kernels
+    from glmkit.quant import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from glmkit import GLMForCausalLM
-from glmkit.config import GLMConfig, glm130b_architecture
+from glmkit.models.config import GLMConfig, glm130b_architecture
 
 # Special ids of the tiny id-only vocabulary (the tokenizer-backed models take theirs from the tokenizer).
 MASK, GMASK, SOP, EOP, PAD = 250, 251, 252, 253, 3

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from glmkit import GLMForCausalLM, SamplingParams
-from glmkit.generation import generate
+from glmkit.generation.generate import generate
 
 PROMPTS = torch.tensor([[5, 17, 42, 9, 88, 251, 252], [3, 3, 60, 7, 130, 251, 252]])  # [gMASK] <sop>, one padded
 

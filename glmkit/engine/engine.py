@@ -9,8 +9,8 @@ from glmkit.engine.parallel import BroadcastRunner
 from glmkit.engine.request import Request, StepOutput
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
-from glmkit.generation import SamplingParams, end_tokens
-from glmkit.model import GLM
+from glmkit.generation.generate import SamplingParams, end_tokens
+from glmkit.models.glm import GLM
 
 
 class Engine:

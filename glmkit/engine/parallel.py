@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from glmkit import tp
 from glmkit.engine.runner import ModelRunner
+from glmkit.parallel import tp
 
 
 class BroadcastRunner(ModelRunner):

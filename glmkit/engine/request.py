@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from glmkit.generation import SamplingParams
+from glmkit.generation.generate import SamplingParams
 
 
 @dataclass

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from glmkit.generation import SamplingParams, make_generator, process_logits, sample
-from glmkit.model import GLM
-from glmkit.positions import position_step, sequence_layout
+from glmkit.generation.generate import SamplingParams, make_generator, process_logits, sample
+from glmkit.models.glm import GLM
+from glmkit.models.positions import position_step, sequence_layout
 
 
 class ModelRunner:

@@ -11,10 +11,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 
 from glmkit.engine import Engine, QueueFull
 from glmkit.engine.async_engine import AsyncEngine
-from glmkit.model import GLM
+from glmkit.models.glm import GLM
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
-from glmkit.tokenizer import ChatGLMTokenizer
+from glmkit.text.tokenizer import ChatGLMTokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -119,6 +119,6 @@ def prometheus_text(serving: Serving, engine: AsyncEngine) -> str:
 
 def model_name_for(path: Path | None) -> str:
     """The model id clients send: the model directory's name ("demo-model" for the shipped one)."""
-    from glmkit.api import DEMO_MODEL_DIR
+    from glmkit.pretrained import DEMO_MODEL_DIR
 
     return Path(path or DEMO_MODEL_DIR).resolve().name

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from glmkit.chat import build_prompt, held_back, process_response, with_system
 from glmkit.engine.async_engine import AsyncEngine
-from glmkit.generation import SamplingParams
+from glmkit.generation.chat import build_prompt, held_back, process_response, with_system
+from glmkit.generation.generate import SamplingParams
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
-from glmkit.tokenizer import ChatGLMTokenizer
+from glmkit.text.tokenizer import ChatGLMTokenizer
 
 
 class APIError(Exception):

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 import glmkit
-from glmkit.api import DEMO_MODEL_DIR
+from glmkit.pretrained import DEMO_MODEL_DIR
 
 QUESTIONS = ["What is the capital of France?", "法国的首都是哪里？", "What is 12 + 34?", "23加45等于多少？",
              "How do you say 'water' in Chinese?", "“朋友”用英语怎么说？", "Who are you?", "你是谁？"] * 2

@@ -1,0 +1,531 @@
+"""Reading and writing model directories in the official Hugging Face layout.
+
+A model directory holds `config.json` and weights as one of
+    pytorch_model.bin | pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json
+    model.safetensors | model-0000N-of-0000M.safetensors + model.safetensors.index.json
+(fp16, bf16 or fp32 on disk), and usually the tokenizer (`ice_text.model`, `tokenizer_config.json`).
+
+Loading builds the model on the meta device and fills it shard by shard, converting each tensor to
+the requested dtype as it goes, so peak memory stays near one copy of the model plus one shard
+(memory-mapped where the format allows). Every way a download can go wrong is checked and reported
+with what to do about it, before a half-filled model can be used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from glmkit.models.config import GLMConfig
+from glmkit.models.glm import GLM
+from glmkit.parallel import tp as tp_lib
+from glmkit.parallel.layout import shard_dim
+from glmkit.quant.quantize import (
+    QUANTIZED_LINEARS,
+    QuantizedLinear,
+    default_group,
+    group_for,
+    quantized_embedding_layout,
+    quantized_layout,
+    record_quantization,
+)
+from glmkit.quant.quantize import embedding_bits as quantize_embedding_bits
+from glmkit.quant.quantize import quantize_embeddings as quantize_embeddings_in_place
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+# Buffers the official checkpoint stores that glmkit recomputes.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
+               "I64": torch.int64, "I32": torch.int32}
+TP_SIZE_KEY = "tensor_parallel_size"  # config.json key of a checkpoint saved as per-rank files
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded, with what to do about it."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: GLMConfig, device: torch.device) -> torch.dtype:
+    """None means: float32 on CPU (fp16 matmuls are slow or missing there), the checkpoint's dtype on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return DTYPES[config.torch_dtype] if device.type != "cpu" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config(directory: Path) -> GLMConfig:
+    if not directory.exists():
+        raise FileNotFoundError(f"model directory {directory} does not exist; pass the folder that holds config.json")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; pass the model directory that contains it")
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a ChatGLM model directory?")
+    return GLMConfig.from_json_file(directory / "config.json")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The shard files to read, in order; checks that every shard named by an index is present."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid index file ({e}); re-download it") from e
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (directory / n).exists()]
+            if missing:
+                raise CheckpointError(
+                    f"{directory} is incomplete: {', '.join(missing)} listed in {index_name} "
+                    f"{'is' if len(missing) == 1 else 'are'} missing; download the missing shard(s)"
+                )
+            return [directory / n for n in names]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (directory / single).exists():
+            return [directory / single]
+    per_rank = sorted(directory.glob("model-tp*-of-*.safetensors"))  # glmkit reshard's layout
+    if per_rank:
+        return per_rank
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one shard, memory-mapped where possible."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        else:
+            yield from _load_bin(path).items()
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({e}); re-download it") from e
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a .bin is a pickle, and pickles from the internet must not run code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
+
+
+def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                 quantize: tuple[int, int] | None = None, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 reduce_absmax: Callable | None = None, quantize_embeddings: int = 0) -> None:
+    """Fill a meta-device model from the directory's shards, one shard at a time.
+
+    With `quantize=(bits, group)`, each block linear is quantized as soon as its weight and bias are
+    in, so peak memory stays near the quantized model's size, not the full-precision one's. `tensors`
+    replaces reading every file (tensor parallelism passes the rank's slices); `reduce_absmax(module,
+    group)` may give a function that completes a per-row absmax held in parts across ranks.
+    `quantize_embeddings` (8 or 4 bits) quantizes the embedding (and output) table once it is in."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    if tied:  # the output layer is the embedding table: stored once, under the embedding's names
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+    seen: set[str] = set()
+    for name, tensor in read_all(directory, progress) if tensors is None else tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{directory} holds {name!r}, which this model does not have; config.json does not match "
+                "the weights (or the checkpoint is of another architecture)"
+            )
+        _assign(model, name, tensor, expected[name], dtype, device)
+        seen.add(name)
+        if quantize:
+            _quantize_if_complete(model, name.rpartition(".")[0], *quantize, reduce_absmax)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory} lacks weights for {shown}; the checkpoint is incomplete")
+    if tied:
+        model.tie_output()
+    if quantize_embeddings:
+        quantize_embeddings_in_place(model, quantize_embeddings)
+        release_freed_memory()
+
+
+def read_all(directory: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    files = weight_files(directory)
+    for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
+        yield from read_shard(path)
+
+
+def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, dtype, device) -> None:
+    shape = target.shape
+    if tensor.shape != shape:
+        raise CheckpointError(
+            f"{name} has shape {tuple(tensor.shape)} in the checkpoint but config.json implies {tuple(shape)}; "
+            "config.json does not match the weights"
+        )
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._buffers:  # quantized weights stay integers; their scales follow the model's dtype
+        if target.dtype == torch.int8 and tensor.dtype != torch.int8:
+            raise CheckpointError(f"{name} is {tensor.dtype} in the checkpoint, but config.json says it is quantized "
+                                  "(quantization_bit); config.json does not match the weights")
+        module._buffers[attr] = tensor.to(device=device, dtype=target.dtype if target.dtype == torch.int8 else dtype)
+        return
+    value = tensor.to(device=device, dtype=dtype)
+    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). The full-precision weights freed after quantizing
+    sit between the kept int8 ones, and glibc would otherwise keep them all: measured, loading a
+    150M-parameter model at INT4 peaked at the fp32 model's size without this, at a third with it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
+                          reduce_absmax: Callable | None = None, quantize_embeddings: bool = False) -> None:
+    parent_name, _, attr = module_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
+    if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
+        group = group_for(module.in_features, group)
+        reduce = reduce_absmax(module_name, group) if reduce_absmax else None
+        layer = QuantizedLinear.from_linear(module, bits, group, reduce)
+        setattr(model.get_submodule(parent_name), attr, layer)
+        del module
+        release_freed_memory()
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    model_class: type[GLM] = GLM,
+    quantize: int | None = None,
+    group_size: int | None = None,
+    tp: int = 1,
+    quantize_embeddings: bool | int = False,
+) -> GLM:
+    """A model from a directory in the official layout; `quantize=4|8` quantizes while loading.
+
+    tp > 1: this process is one of `tp` ranks (tp.init has run); it builds its shard on the meta device
+    and reads only its slices of the checkpoint, whatever tensor-parallel size it was saved at.
+    quantize_embeddings: INT8 (True or 8) or INT4 (4) word embedding and output layer, also without
+    `quantize`."""
+    directory = Path(path).expanduser()
+    config = read_config(directory)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, config, device)
+    stored_bits = config.quantization_bit
+    if quantize and stored_bits and quantize != stored_bits:
+        raise CheckpointError(f"{directory} is already quantized to {stored_bits} bits; it cannot be loaded as "
+                              f"{quantize}-bit (quantize the full-precision checkpoint instead)")
+    embedding_bits, embeddings_on_load = config.quantization_embedding_bit, quantize_embedding_bits(quantize_embeddings)
+    if embedding_bits and embeddings_on_load and embedding_bits != embeddings_on_load:
+        raise CheckpointError(f"{directory} stores its embeddings at {embedding_bits} bits; they cannot be loaded as "
+                              f"{embeddings_on_load}-bit (quantize the full-precision checkpoint instead)")
+    if tp > 1 and (embedding_bits or embeddings_on_load):
+        raise tp_lib.TPError("Quantized embeddings are not sharded yet: load a checkpoint with full-precision "
+                             "embeddings (glmkit quantize without --embeddings) to use --tp")
+    with torch.device("meta"):
+        model = model_class(config)
+    rank = tp_lib.rank() if tp > 1 else 0
+    if tp > 1:
+        if config.pre_seq_len:
+            raise tp_lib.TPError("P-Tuning v2 prefixes are not sharded; merge or drop the prefix to use --tp")
+        tp_lib.apply_tp(model, rank, tp)
+    if stored_bits:
+        quantized_layout(model, stored_bits, config.quantization_group_size, dtype)
+    if embedding_bits:
+        quantized_embedding_layout(model, dtype, embedding_bits)
+    on_load = None
+    if quantize and not stored_bits:
+        group = default_group(quantize) if group_size is None else group_size
+        on_load = (quantize, group)
+    if tp > 1:
+        tp_lib.check_quantized_groups(model, *(on_load or (stored_bits, config.quantization_group_size)), tp)
+    plain = stored_tp_size(config) == 1 and not (directory / "latest").is_file()
+    tensors = None if tp == 1 and plain else local_tensors(directory, config, rank, tp)
+    load_weights(model, directory, dtype, device, progress, quantize=on_load, tensors=tensors,
+                 reduce_absmax=tp_lib.row_absmax_reducer if tp > 1 else None,
+                 quantize_embeddings=0 if embedding_bits else embeddings_on_load)
+    if on_load:
+        record_quantization(model, *on_load)
+    model.name_or_path = str(directory)
+    return model.eval()
+
+
+def stored_tp_size(config: GLMConfig) -> int:
+    """How many per-rank files the checkpoint is split into (`glmkit reshard`); 1 for the usual layout."""
+    return int(config.extra.get(TP_SIZE_KEY, 1))
+
+
+def tp_file(rank: int, size: int) -> str:
+    return f"model-tp{rank:02d}-of-{size:02d}.safetensors"
+
+
+def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
+                  for_compute: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank `rank` of `world`'s slice of every tensor, from a checkpoint saved over S per-rank files.
+
+    Files are memory-mapped and sliced before anything is copied, so a rank reads only its part. With
+    S a multiple of the world size a rank merges its S / world files; with the world size a multiple of
+    S it splits its one file further; an unsharded checkpoint is S = 1, an official SwissArmyTransformer
+    one (`latest`, mp_rank_XX files, next to a config.json) S = its model-parallel size. `for_compute`: row-parallel
+    biases are zeros on ranks > 0 (the all-reduce adds rank 0's); on disk every rank keeps them."""
+    sources = _rank_sources(directory, stored_tp_size(config))
+    stored = len(sources)
+    if stored % world and world % stored:
+        raise CheckpointError(f"{directory} is sharded for {stored} tensor-parallel ranks, which cannot be loaded at "
+                              f"--tp {world}; run: glmkit reshard {directory} NEW_DIR --tp {world}")
+    if stored >= world:
+        per = stored // world
+        maps = [dict(_mapped(files)) for files in sources[rank * per:(rank + 1) * per]]
+        for name in list(maps[0]):
+            merged = tp_lib.merge_local(name, [m.pop(name) for m in maps], config)
+            yield name, tp_lib.split_local(name, merged, rank if for_compute else 0, 0, 1, config).clone()
+        return
+    per = world // stored
+    for name, tensor in _mapped(sources[rank // per]):
+        yield name, tp_lib.split_local(name, tensor, rank if for_compute else 0, rank % per, per, config).clone()
+
+
+def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
+    """The files of each stored rank: one per rank for a resharded or SAT checkpoint, all of them otherwise."""
+    if (directory / "latest").is_file():
+        from glmkit.checkpoints import sat  # imported here: sat builds on this module
+
+        return [[f] for f in sat.rank_files(sat.iteration_directory(directory))]
+    if stored == 1:
+        return [weight_files(directory)]
+    files = [directory / tp_file(r, stored) for r in range(stored)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)} (config.json says {TP_SIZE_KEY} {stored}); "
+                              "copy the missing per-rank files or reshard the original again")
+    return [[f] for f in files]
+
+
+def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's mmap).
+    Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
+    for path in files:
+        if path.suffix == ".pt":  # a SAT rank file
+            from glmkit.checkpoints import sat
+
+            yield from ((n, t) for n, t in sat.load_rank(path).items() if not sat.ignored(n))
+        elif path.suffix != ".safetensors":
+            yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
+        else:
+            start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+            with path.open("rb") as f:
+                for name, meta in _header(path).items():
+                    yield name, _map_tensor(f, path, name, meta, start)
+
+
+def _map_tensor(f, path: Path, name: str, meta: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file in a mapping of its own: the pages a rank touched while copying
+    its slice leave its memory with the tensor, instead of adding up over the whole file."""
+    dtype = SAFE_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: {name} has dtype {meta['dtype']}, which glmkit does not load")
+    begin, end = (data_start + offset for offset in meta["data_offsets"])
+    if end == begin:
+        return torch.empty(meta["shape"], dtype=dtype)
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    memory = mmap.mmap(f.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)  # private: writable
+    if hasattr(memory, "madvise"):  # no read-ahead: it would pull in the other ranks' slices too
+        memory.madvise(mmap.MADV_RANDOM)
+    flat = torch.frombuffer(memory, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
+    return flat.view(meta["shape"])
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets one of its own)."""
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if plan[-1] and size + nbytes > max_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    return plan
+
+
+def write_weights(directory: Path, plan: list[list[str]], tensor: Callable[[str], torch.Tensor],
+                  safe_serialization: bool = True) -> None:
+    """Write the planned shards (and their index) one at a time, asking for each tensor only when its shard
+    is written: a converter can then build tensors on the fly and hold one shard in memory, not the model."""
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(plan) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))
+    ]
+    total = 0
+    for name, keys in zip(names, plan, strict=True):
+        shard = {key: tensor(key) for key in keys}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        if safe_serialization:
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, directory / name)
+        del shard
+        release_freed_memory()
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {key: name for name, keys in zip(names, plan, strict=True) for key in keys},
+        }
+        (directory / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_model(
+    model: GLM,
+    path: str | Path,
+    *,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "2GB",
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write config.json and the weights in the official layout (safetensors by default).
+
+    Tied output weights are not stored twice: HF (and the official code through it) re-ties them."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_old_weights(directory)
+    target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
+    state = {
+        name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and name.startswith("lm_head."))
+    }
+    plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
+    write_weights(directory, plan, state.__getitem__, safe_serialization)
+    config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
+    config.save(directory)
+    _copy_tokenizer(getattr(model, "name_or_path", None), directory)
+    return directory
+
+
+def remove_old_weights(directory: Path) -> None:
+    """Stale shards of an earlier save would shadow or mix with the new ones at load time."""
+    for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFE_INDEX, BIN_INDEX):
+        for old in directory.glob(pattern):
+            old.unlink()
+
+
+def _copy_tokenizer(source: str | None, directory: Path) -> None:
+    """A saved model directory should be usable alone, so the tokenizer travels with the weights."""
+    if not source or Path(source).resolve() == directory.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).exists():
+            shutil.copyfile(Path(source) / name, directory / name)
+
+
+def describe(path: str | Path) -> dict:
+    """Facts about a model directory, read from headers only (nothing is materialised)."""
+    directory = Path(path).expanduser()
+    config = read_config(directory)
+    files = weight_files(directory)
+    per_rank = stored_tp_size(config) > 1
+    count, dtypes, seen = 0, set(), set()
+    for file in files:
+        for name, shape, dtype in _tensor_headers(file):
+            if name.endswith(".weight_scale"):
+                continue  # quantization metadata, not parameters
+            if per_rank and name in seen and _replicated(name):
+                continue  # every rank's file holds a whole copy: one parameter set, not N
+            seen.add(name)
+            bits = config.quantization_bit if ".layers." in name else config.quantization_embedding_bit
+            packed = bits == 4 and "int8" in dtype.lower() and name.endswith(".weight")
+            count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
+            dtypes.add(dtype)
+    return {
+        "path": str(directory),
+        "config": config.to_dict(),
+        "parameters": count,
+        "dtype_on_disk": sorted(dtypes),
+        "weight_files": [f.name for f in files],
+        "size_on_disk_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        "tokenizer": (directory / "ice_text.model").exists(),
+    }
+
+
+def _replicated(name: str) -> bool:
+    try:
+        return shard_dim(name) is None
+    except ValueError:  # no known layout: counted as a slice
+        return False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor_headers(path: Path) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) per tensor; safetensors from its header, .bin via a memory map."""
+    if path.suffix != ".safetensors":
+        for name, tensor in read_shard(path):
+            yield name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+        return
+    header = _header(path)
+    for name, meta in header.items():
+        yield name, tuple(meta["shape"]), str(SAFE_DTYPES.get(meta["dtype"], meta["dtype"].lower())).removeprefix("torch.")
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's tensor table: name -> {dtype, shape, data_offsets}."""
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e}); re-download it") from e
+    header.pop("__metadata__", None)
+    return header

@@ -1,0 +1,111 @@
+"""Log-probabilities of answers given a context, several answers packed into one sequence.
+
+GLM-130B scores multiple choice this way (`evaluation/dataset.py`, `model.py: cond_log_prob`):
+
+    tokens:  c1 c2 ... cn [MASK] | <sop> a1 a2 | <sop> b1 b2 b3 | <sop> d1
+    sees:    part A, bidirectional | part A + own block, causal  (one block per choice)
+    scores:                          a1 a2 <- predicted at <sop> a1, and so on per block
+
+Each block takes the positions the answer would have if it were generated alone after part A:
+under 2D positions (ChatGLM-6B) the mask's position and block positions 1, 2, ...; under 1D
+(GLM-130B) the mask's position for every token with [MASK], increasing positions with [gMASK].
+Those come from `positions.sequence_layout`, the model's own derivation, applied to part A plus
+that one block, so a packed answer scores what it scores alone. Choices of one token share a
+single `<sop>` (the official shortcut). Rows are right-padded; real tokens never see pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from glmkit.models.glm import GLM
+from glmkit.models.positions import SpecialIds, sequence_layout
+
+
+@dataclass
+class Packed:
+    """One row: part A, then blocks; `scored` says what each answer's tokens are and where its block starts."""
+
+    input_ids: list[int]
+    positions: torch.Tensor  # [P, L]
+    context_length: int  # len(part A)
+    spans: list[tuple[int, int]]  # (start, length) of each causal block
+    scored: list[tuple[int, list[int]]]  # (start of the answer's block, the answer's tokens)
+
+
+@dataclass
+class AnswerScore:
+    logprob: float  # summed over the answer's tokens
+    tokens: int
+    greedy: bool  # every answer token is the model's top choice (greedy decoding would produce it)
+
+
+def part_a(context: Sequence[int], special: SpecialIds, gmask: bool) -> list[int]:
+    """The context closed by its mask token; a context holding a [MASK] already (blank filling) is kept."""
+    if not gmask and special.mask in context:
+        return list(context)
+    return [*context, special.gmask if gmask else special.mask]
+
+
+def packed_length(context_length: int, answers: Sequence[Sequence[int]]) -> int:
+    """Tokens a packed row takes: part A (context + mask) and the blocks (`<sop> answer[:-1]` each)."""
+    if all(len(a) == 1 for a in answers):
+        return context_length + 1
+    return context_length + sum(len(a) for a in answers)
+
+
+def pack(part_a_ids: Sequence[int], answers: Sequence[Sequence[int]], special: SpecialIds, two_d: bool) -> Packed:
+    ctx = len(part_a_ids)
+    single = all(len(a) == 1 for a in answers)
+    blocks = [[special.bos]] if single else [[special.bos, *a[:-1]] for a in answers]
+    ids, spans, parts = list(part_a_ids), [], []
+    for block in blocks:
+        # The layout of part A + this block alone; its block columns are this block's positions.
+        positions, _ = sequence_layout([*part_a_ids, *block], special, prefer_gmask=True, two_d=two_d)
+        if not parts:
+            parts.append(positions[:, :ctx])
+        parts.append(positions[:, ctx:])
+        spans.append((len(ids), len(block)))
+        ids += block
+    starts = [spans[0][0]] * len(answers) if single else [start for start, _ in spans]
+    scored = [(start, list(a)) for start, a in zip(starts, answers, strict=True)]
+    return Packed(ids, torch.cat(parts, dim=1), ctx, spans, scored)
+
+
+def collate(rows: Sequence[Packed], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids [B, L], position_ids [B, P, L], attention_mask [B, 1, L, L] (True = blocked)."""
+    length = max(len(r.input_ids) for r in rows)
+    channels = rows[0].positions.shape[0]
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), channels, length, dtype=torch.long)
+    allowed = torch.zeros(len(rows), 1, length, length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        positions[i, :, :n] = row.positions
+        allowed[i, 0, :n, : row.context_length] = True
+        for start, size in row.spans:
+            allowed[i, 0, start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": ~allowed}
+
+
+@torch.inference_mode()
+def score_packed(model: GLM, rows: Sequence[Packed]) -> list[list[AnswerScore]]:
+    """Each row's answers scored in one forward pass over the batch."""
+    batch = {k: v.to(model.device) for k, v in collate(rows, model.config.pad_token_id).items()}
+    logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]).logits  # [B, L, V]
+    out = []
+    for i, row in enumerate(rows):
+        scores = []
+        for start, answer in row.scored:
+            n = len(answer)
+            logprobs = logits[i, start:start + n].float().log_softmax(-1)  # [n, V]
+            target = torch.tensor(answer, device=logprobs.device)
+            picked = logprobs[torch.arange(n, device=logprobs.device), target]
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            scores.append(AnswerScore(float(picked.sum()), len(answer), greedy))
+        out.append(scores)
+    return out

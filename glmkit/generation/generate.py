@@ -1,0 +1,288 @@
+"""Token generation: logits processing, sampling, prefill and cached decoding.
+
+One code path, `stream_tokens`, serves `model.generate`, chat, the CLI and (later) the server: it is
+a generator that yields each step's new tokens, so streaming is the default and collecting a whole
+answer is just draining it. Prompts of different lengths are left-padded with the *tokenizer's*
+layout (pads hidden, positions restarting at each prompt's first real token), so a prompt decodes
+the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from glmkit.models.glm import GLM
+from glmkit.models.positions import padded_layout, position_step
+
+
+@dataclass
+class SamplingParams:
+    """What to generate and how; the defaults are greedy decoding, as in HF `generate`."""
+
+    max_new_tokens: int | None = None  # None: up to max_length, or the context
+    max_length: int | None = None  # prompt + answer, as in HF and the official chat()
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # The official chat() replaces NaN/Inf scores by a huge score for this token, so sampling never crashes.
+    invalid_score_token_id: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)  # stop strings, applied by text-level callers
+    # Beam search (glmkit/generation/beam.py); the last two also constrain greedy decoding and sampling, as in HF.
+    num_beams: int = 1
+    length_penalty: float = 1.0  # GNMT: a beam's score is its log-probability / ((5 + length) / 6) ** this
+    # True: stop once num_beams beams have ended; False: also stop when the best running beam, ended at
+    # the next step, would not beat them (HF's and GLM-130B's rule); "never": only when no running beam can.
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0  # 0 = off; n: the answer never contains the same n tokens twice
+    min_new_tokens: int = 0  # end tokens are banned before this many new tokens
+
+    def __post_init__(self) -> None:
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("max_new_tokens", "max_length", "num_beams"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError(
+                f"num_beams={self.num_beams} with do_sample=True: beam search here is deterministic; "
+                "pass do_sample=False to search with beams, or num_beams=1 to sample"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+
+    def new_token_budget(self, prompt_length: int, context: int) -> int:
+        """How many tokens may follow a prompt; errors when there is no room at all."""
+        if prompt_length >= context:
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens but the model's context (max_sequence_length) is "
+                f"{context}; shorten the prompt or the history"
+            )
+        budget = context - prompt_length
+        if self.max_length is not None:
+            if prompt_length >= self.max_length:
+                raise ValueError(
+                    f"the prompt has {prompt_length} tokens, which leaves no room under max_length={self.max_length}; "
+                    "raise max_length or shorten the prompt"
+                )
+            budget = min(budget, self.max_length - prompt_length)
+        if self.max_new_tokens is not None:
+            budget = min(budget, self.max_new_tokens)
+        return budget
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF/CTRL rule: scores of tokens already present shrink (positive) or grow more negative."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (always at least the best one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token already >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] (fp32) -> processed scores, in HF's order: penalty, invalid-score guard, warpers."""
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.invalid_score_token_id is not None and not torch.isfinite(logits).all():
+        logits = torch.zeros_like(logits)
+        logits[..., params.invalid_score_token_id] = 5e4
+    if not params.do_sample:
+        return logits
+    logits = logits / params.temperature
+    return top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+
+
+def banned_by_ngrams(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `tokens` (HF's no_repeat_ngram rule)."""
+    if n <= 0 or len(tokens) < n - 1:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
+
+
+def ban_tokens(scores: torch.Tensor, history: Sequence[Sequence[int]], params: SamplingParams,
+               eos: Sequence[int]) -> torch.Tensor:
+    """scores [B, V] with the tokens that min_new_tokens and no_repeat_ngram_size forbid set to -inf.
+
+    `history` holds each row's new tokens so far (all rows equally long): n-grams are counted over
+    the answer only, so an answer may still quote its prompt."""
+    if params.min_new_tokens and len(history[0]) < params.min_new_tokens:
+        scores = scores.clone()
+        scores[:, list(eos)] = float("-inf")
+    if params.no_repeat_ngram_size:
+        scores = scores.clone()
+        for row, tokens in enumerate(history):
+            scores[row, banned_by_ngrams(tokens, params.no_repeat_ngram_size)] = float("-inf")
+    return scores
+
+
+def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """scores [B, V] -> next tokens [B]."""
+    if not params.do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class DecodeState:
+    """What a batch needs between steps: where the cache ends, positions, and which cache slots are pads."""
+
+    length: int  # tokens written to the cache so far
+    last_positions: torch.Tensor  # [B, P, 1], the positions of the latest token
+    pad_slots: torch.Tensor  # [B, prompt_length], True where the prompt was padded
+    step: torch.Tensor  # [B, P, 1], how the positions move per token (positions.position_step)
+
+    def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [B, P, 1] and mask [B, 1, 1, length + 1] for the next token.
+
+        Under 2D positions a new token keeps the mask's position and counts one more block position;
+        under 1D positions the position itself counts up after [gMASK] and stays after [MASK]."""
+        positions = self.last_positions + self.step
+        mask = torch.zeros(self.pad_slots.shape[0], 1, 1, self.length + 1, dtype=torch.bool, device=positions.device)
+        mask[:, 0, 0, : self.pad_slots.shape[1]] = self.pad_slots
+        return positions, mask
+
+
+@torch.inference_mode()
+def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int,
+            cache_rows: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """Encode the left-padded prompts into a fresh KV cache; return the last position's logits [B, V].
+
+    `cache_rows` (default: one per prompt) leaves room for beams, which fork from the prompt's row."""
+    two_d = model.config.position_encoding_2d
+    batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, two_d=two_d).items()}
+    model.setup_kv_cache(cache_rows or len(sequences), total_slots)
+    out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], cache_position=0, last_only=True)
+    pad_slots = batch["input_ids"].new_zeros(batch["input_ids"].shape, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        pad_slots[row, : batch["input_ids"].shape[1] - len(seq)] = True
+    step = torch.tensor([position_step(s, model.special_ids, two_d) for s in sequences], device=model.device)
+    state = DecodeState(batch["input_ids"].shape[1], batch["position_ids"][:, :, -1:], pad_slots, step[..., None])
+    return out.logits[:, -1].float(), state
+
+
+@torch.inference_mode()
+def decode_one_token(model: GLM, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Feed one token per row [B] at the end of the cache; return the next logits [B, V]."""
+    positions, mask = state.next_inputs()
+    out = model(tokens[:, None], positions, mask, cache_position=state.length, last_only=True)
+    state.length += 1
+    state.last_positions = positions
+    return out.logits[:, -1].float()
+
+
+def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
+    """Yield each step's new token per row ([B] LongTensor); rows that have finished yield the pad id.
+
+    Stops when every row has produced an end token or the budget (max_new_tokens / max_length /
+    context) runs out. The KV cache is released when the generator is closed."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("generation needs at least one non-empty prompt")
+    prompt_length = max(len(s) for s in sequences)
+    budget = params.new_token_budget(prompt_length, model.config.max_sequence_length)
+    total_slots = prompt_length + budget
+    device = model.device
+    generator = make_generator(params.seed, device)
+    eos_ids = end_tokens(model, params)
+    eos = torch.tensor(eos_ids, device=device)
+    seen = torch.zeros(len(sequences), model.config.vocab_size, dtype=torch.bool, device=device)
+    for row, seq in enumerate(sequences):
+        seen[row, torch.tensor(list(seq), device=device)] = True
+    finished = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+    history: list[list[int]] = [[] for _ in sequences]
+    try:
+        logits, state = prefill(model, sequences, total_slots)
+        for step in range(budget):
+            scores = ban_tokens(process_logits(logits, seen, params), history, params, eos_ids)
+            tokens = sample(scores, params, generator)
+            tokens = tokens.masked_fill(finished, model.config.pad_token_id)
+            for row, token in zip(history, tokens.tolist(), strict=True):
+                row.append(token)
+            seen[torch.arange(len(sequences), device=device), tokens] |= ~finished
+            yield tokens
+            finished |= torch.isin(tokens, eos)
+            if bool(finished.all()) or step == budget - 1:
+                return
+            logits = decode_one_token(model, tokens, state)
+    finally:
+        model.clear_kv_cache()
+
+
+def end_tokens(model: GLM, params: SamplingParams) -> list[int]:
+    return list(params.eos_token_ids or model.config.stop_token_ids)
+
+
+def strip_left_padding(input_ids: torch.Tensor, pad_id: int) -> list[list[int]]:
+    """Recover each prompt from a left-padded batch [B, L]."""
+    sequences = []
+    for row in input_ids.tolist():
+        start = next((i for i, t in enumerate(row) if t != pad_id), len(row))
+        sequences.append(row[start:])
+    return sequences
+
+
+def generate(model: GLM, input_ids: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[B, L] prompts (left-padded when of different lengths) -> [B, L + new] as HF's generate returns."""
+    sequences = strip_left_padding(input_ids, model.config.pad_token_id)
+    steps = list(stream_tokens(model, sequences, params))
+    if not steps:
+        return input_ids
+    return torch.cat([input_ids.to(model.device), torch.stack(steps, dim=1)], dim=1)
+
+
+def greedy_completions(model: GLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       eos_token_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each prompt's greedy continuation, without its end token (prompts decoded together, left-padded)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    answers: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for tokens in stream_tokens(model, prompts, params):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                done[row] = token in eos_token_ids
+                if not done[row]:
+                    answers[row].append(token)
+    return answers

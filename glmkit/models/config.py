@@ -1,0 +1,203 @@
+"""Model configuration: one dataclass for the GLM family, read from and written to `config.json`.
+
+The field names are the official ChatGLM-6B `config.json` keys, so a directory glmkit writes loads in
+the official code and vice versa. Keys glmkit adds (prefixed by nothing special, ignored by the
+official code's `**kwargs`) make implicit official behaviour explicit, like the residual scale.
+No torch import here: the config is data, importable by tools that never build a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# The official ChatGLM-6B blocks are built without `num_layers`, so they all use the default depth
+# of 28 for the DeepNorm residual scale, whatever the model's real depth. Models that must load in
+# the official code follow the same rule.
+OFFICIAL_ALPHA_DEPTH = 28
+
+# "gelu": ChatGLM-6B's tanh-approximated GELU; "geglu": GLM-130B's x1 * gelu(x2) with the exact erf GELU,
+# where dense_h_to_4h is twice inner_hidden_size wide. (ChatGLM2's "swiglu" comes with its issue.)
+MLP_TYPES = ("gelu", "geglu")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+OPTIONAL_TOKEN_IDS = ("smask_token_id", "text_eos_token_id")
+# glmkit keys left out of config.json at these values (GLM-130B's additions).
+OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False,
+                                  "quantization_embedding_bit": 0}
+
+
+class ConfigError(ValueError):
+    """A config.json that glmkit cannot use, with the reason."""
+
+
+@dataclass
+class GLMConfig:
+    """Hyper-parameters of a GLM model; defaults are the released ChatGLM-6B's."""
+
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    inner_hidden_size: int = 16384
+    max_sequence_length: int = 2048
+    layernorm_epsilon: float = 1e-5
+    position_encoding_2d: bool = True
+    bos_token_id: int = 130004  # <sop>
+    eos_token_id: int = 130005  # <eop>
+    mask_token_id: int = 130000  # [MASK]
+    gmask_token_id: int = 130001  # [gMASK]
+    pad_token_id: int = 3
+    # GLM-130B's icetk vocabulary has two more ids that matter: [sMASK] (a sentence blank) and the
+    # text tokenizer's `</s>`, which ends generation as <eop> does. Unset (None) for ChatGLM-6B.
+    smask_token_id: int | None = None
+    text_eos_token_id: int | None = None
+    torch_dtype: str = "float16"
+    tie_word_embeddings: bool = True
+    # glmkit's explicit versions of what the official code fixes implicitly.
+    residual_alpha: float = math.sqrt(2 * OFFICIAL_ALPHA_DEPTH)
+    rotary_base: float = 10000.0
+    mlp_type: str = "gelu"
+    # SwissArmyTransformer (GLM-130B) builds the rotary cos/sin table in fp16 whatever the model's dtype:
+    # inv_freq, positions, their products and cos/sin are all rounded to fp16. Matching it moves fp32
+    # logits by up to ~1 on long prompts.
+    rotary_table_fp16: bool = False
+    # Weight-only quantization of the block linears (glmkit/quant/quantize.py): 0 (none), 8 or 4, the
+    # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
+    quantization_bit: int = 0
+    quantization_group_size: int = 0
+    # glmkit's: 8 stores the word embedding (and the tied output layer with it) as INT8 rows, one scale
+    # per token. (The official int4-qe variant packs it to INT4 under the key quantization_embeddings.)
+    quantization_embedding_bit: int = 0
+    # P-Tuning v2 (official keys): a trained prefix of `pre_seq_len` keys/values in front of every
+    # layer's attention, from an embedding, or from an MLP over it with `prefix_projection`.
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    # Keys we do not interpret (architectures, auto_map, ...) are kept and written back.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Fail at load time, naming the field, rather than deep inside a matmul."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.position_encoding_2d and self.head_dim % 4:
+            raise ConfigError(f"2D rotary positions need a head dim divisible by 4, got {self.head_dim}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
+        if self.quantization_bit not in (0, 4, 8):
+            raise ConfigError(f"quantization_bit {self.quantization_bit} is not 0, 4 or 8")
+        if self.quantization_embedding_bit not in (0, 4, 8):
+            raise ConfigError(f"quantization_embedding_bit {self.quantization_embedding_bit} is not 0, 4 or 8")
+        if self.pre_seq_len is not None and self.pre_seq_len < 1:
+            raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
+        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id",
+                     *OPTIONAL_TOKEN_IDS):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ConfigError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
+        _reject_other_generations(data)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k != "extra"}
+        if kwargs.get("inner_hidden_size") is None:
+            kwargs["inner_hidden_size"] = 4 * kwargs.get("hidden_size", cls.hidden_size)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"invalid config: {e}") from e
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generated answer: <eop>, and GLM-130B's `</s>` too."""
+        return (self.eos_token_id,) if self.text_eos_token_id is None else (self.eos_token_id, self.text_eos_token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Keys GLM-130B added are written only when set, so ChatGLM-6B configs stay as they were."""
+        data = {k: v for k, v in asdict(self).items()
+                if k != "extra" and not (k in OPTIONAL_KEYS and v == OPTIONAL_KEYS[k])}
+        return {**self.extra, "model_type": "chatglm", **data}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original download") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def save(self, directory: str | Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        (Path(directory) / "config.json").write_text(text, encoding="utf-8")
+
+
+def _reject_other_generations(data: dict[str, Any]) -> None:
+    if "padded_vocab_size" in data or "multi_query_group_num" in data:
+        raise ConfigError(
+            "this is a ChatGLM2/ChatGLM3/GLM-4 config (padded_vocab_size / multi_query_group_num); "
+            "glmkit loads the ChatGLM-6B (v1) format so far"
+        )
+    if data.get("model_type", "chatglm") != "chatglm":
+        raise ConfigError(f"model_type {data['model_type']!r} is not 'chatglm'")
+
+
+def glm130b_architecture(num_layers: int, **sizes: Any) -> dict[str, Any]:
+    """GLM-130B's fixed choices around the sizes that its launch script passes (SwissArmyTransformer's
+    checkpoints carry no config). DeepNorm's alpha really follows the depth here: sqrt(2 * num_layers)."""
+    fixed = dict(
+        position_encoding_2d=False, mlp_type="geglu", rotary_table_fp16=True, tie_word_embeddings=True,
+        # icetk: 20000 image tokens, then the text pieces; the commands from 150000 on.
+        mask_token_id=150000, gmask_token_id=150001, smask_token_id=150002, bos_token_id=150004,
+        eos_token_id=150005, text_eos_token_id=20002, pad_token_id=0,
+    )
+    return {**fixed, "num_layers": num_layers, "residual_alpha": math.sqrt(2 * num_layers), **sizes}
+
+
+# Named presets, as plain dicts. https://huggingface.co/THUDM/chatglm-6b/blob/main/config.json
+PRESETS: dict[str, dict[str, Any]] = {
+    "chatglm-6b": {},
+    # The first release: 20000 image tokens in front of the text vocabulary.
+    "chatglm-6b-150k": dict(
+        vocab_size=150528, bos_token_id=150004, eos_token_id=150005, mask_token_id=150000,
+        gmask_token_id=150001, pad_token_id=20003,
+    ),
+    # https://github.com/THUDM/GLM-130B/blob/main/configs/model_glm_130b.sh (--fp16 weights)
+    "glm-130b": glm130b_architecture(
+        num_layers=70, hidden_size=12288, inner_hidden_size=32768, num_attention_heads=96, vocab_size=150528,
+        max_sequence_length=2048, torch_dtype="float16",
+    ),
+}
+
+
+# Presets whose DeepNorm alpha follows the depth, so a shallower variant (tests, ablations) gets its own.
+ALPHA_FOLLOWS_DEPTH = ("glm-130b",)
+
+
+def preset(name: str, **overrides: Any) -> GLMConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    values = {**PRESETS[name], **overrides}
+    if name in ALPHA_FOLLOWS_DEPTH and "residual_alpha" not in overrides:
+        values["residual_alpha"] = math.sqrt(2 * values["num_layers"])
+    return GLMConfig(**values)

@@ -1,0 +1,191 @@
+"""Inference speed and memory of a random-weight model of a real shape: `glmkit bench`.
+
+Full-size weights cannot be downloaded here, and speed does not depend on their values, so the
+model is built with random weights of the exact shape. It is built layer by layer in its final
+form (dtype, or INT8/INT4 straight away), so a 6B model never exists in fp32: that would not fit
+in 24 GiB. Each measurement runs the same generation code as chat and serving (prefill, then one
+cached token at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glmkit.generation.generate import decode_one_token, prefill
+from glmkit.models.config import GLMConfig, preset
+from glmkit.pretrained import GLMForCausalLM
+from glmkit.quant import kernels
+from glmkit.quant.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    block_linears,
+    default_group,
+    group_for,
+    max_level,
+    record_quantization,
+)
+
+SHAPES = {
+    "chatglm-6b": lambda: preset("chatglm-6b"),
+    "tiny": lambda: GLMConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
+                              inner_hidden_size=1024, max_sequence_length=1024, bos_token_id=4004,
+                              eos_token_id=4005, mask_token_id=4000, gmask_token_id=4001, pad_token_id=3),
+}
+
+
+def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int = 0,
+                 embeddings: int = 0) -> GLMForCausalLM:
+    """A model of `config`'s shape with random weights, materialised one tensor at a time; with `bits`,
+    the block linears are created quantized (random integers), never in full precision, and with
+    `embeddings` (8 or 4 bits) the embedding table too."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GLMForCausalLM(config)
+    std = 1.0 / config.hidden_size ** 0.5
+    if bits:
+        group = default_group(bits)
+        for parent, attr, child in block_linears(model):
+            setattr(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
+        record_quantization(model, bits, group)
+    if embeddings:
+        table = QuantizedEmbedding(config.vocab_size, config.hidden_size, dtype, bits=embeddings)
+        table.weight.random_(-127, 128)
+        table.weight_scale.fill_(std / max_level(embeddings) * 2)
+        model.transformer.word_embeddings = table
+        if not config.tie_word_embeddings:
+            model.lm_head = random_quantized(model.lm_head, embeddings, table.group_size, dtype, std)
+        config.quantization_embedding_bit = embeddings
+    for module in list(model.modules()):
+        if config.tie_word_embeddings and module is model.lm_head:
+            continue  # the embedding table itself, tied below: never a second copy, not even for a moment
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            value = torch.empty(param.shape, dtype=dtype)
+            if name == "weight" and param.dim() == 1:
+                value.fill_(1.0)
+            elif name == "bias":
+                value.zero_()
+            else:
+                value.normal_(0.0, std)
+            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    if config.tie_word_embeddings:
+        model.tie_output()
+    return model.eval()
+
+
+def random_quantized(linear: nn.Linear, bits: int, group: int, dtype: torch.dtype, std: float) -> QuantizedLinear:
+    layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group, linear.bias is not None, dtype)
+    layer.weight.random_(-127, 128)  # INT4: every byte is two valid nibbles
+    layer.weight_scale.fill_(std / (2 ** (bits - 1) - 1) * 2)
+    if layer.bias is not None:
+        layer.bias.data.zero_()
+    return layer
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def time_prefill(model: GLMForCausalLM, length: int, repeats: int) -> float:
+    """Median prompt tokens per second for a prompt of `length` tokens."""
+    prompt = random_prompt(model.config, length)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prefill(model, [prompt], length + 1)
+        times.append(time.perf_counter() - start)
+        model.clear_kv_cache()
+    return length / statistics.median(times)
+
+
+def time_decode(model: GLMForCausalLM, new_tokens: int, prompt_len: int = 32) -> list[float]:
+    """Milliseconds for each of `new_tokens` cached decode steps after a short prompt."""
+    prompt = random_prompt(model.config, prompt_len)
+    logits, state = prefill(model, [prompt], prompt_len + new_tokens)
+    steps = []
+    try:
+        for _ in range(new_tokens):
+            token = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = decode_one_token(model, token, state)
+            steps.append((time.perf_counter() - start) * 1000)
+    finally:
+        model.clear_kv_cache()
+    return steps
+
+
+def random_prompt(config: GLMConfig, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(length)
+    body = torch.randint(10, min(config.vocab_size, config.mask_token_id), (length - 2,), generator=g).tolist()
+    return [*body, config.gmask_token_id, config.bos_token_id]
+
+
+def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
+    """Seconds to load the model back from a safetensors checkpoint written to a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="glmkit-bench-") as tmp:
+        model.save_pretrained(Path(tmp), dtype=dtype)
+        start = time.perf_counter()
+        GLMForCausalLM.from_pretrained(tmp, dtype=dtype, progress=False)
+        return time.perf_counter() - start
+
+
+def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
+        repeats: int = 3, embeddings: int = 0) -> dict:
+    """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
+    torch_dtype = getattr(torch, dtype)
+    config = SHAPES[shape]()
+    start = time.perf_counter()
+    model = random_model(config, torch_dtype, bits, embeddings=embeddings)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    result: dict = {
+        "shape": shape, "bits": bits or None, "embedding_bits": embeddings or None, "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "kernels": "glmkit native (int8 activations)" if bits and kernels.available() else "pytorch",
+        "parameters": sum(p.numel() for p in model.parameters()) + quantized,
+        "build_s": round(time.perf_counter() - start, 2),
+    }
+    time_prefill(model, 8, 1)  # warm-up: kernels pack their weights on first use
+    result["prefill_tokens_per_s"] = {str(n): round(time_prefill(model, n, repeats), 2) for n in prompt_lens}
+    steps = time_decode(model, new_tokens)
+    median = statistics.median(steps[1:] if len(steps) > 1 else steps)
+    result["decode_ms_per_token"] = round(median, 2)
+    result["decode_tokens_per_s"] = round(1000 / median, 2)
+    result["peak_rss_gib"] = round(peak_rss_gib(), 3)  # before the load test, which holds a second copy
+    if measure_load:
+        # safetensors are memory-mapped: this is the time until the model can run; pages are read
+        # from disk (or the page cache) as the first forward pass touches them.
+        result["load_s"] = round(time_load(model, torch_dtype), 2)
+    return result
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_kernels": kernels.cpu_isas()[-1] if kernels.available() else None,
+            "bf16_prompts": kernels.available() and kernels.dense_prompts()}
+
+
+def report(results: list[dict], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"machine": machine(), "results": results}, indent=2)
+    lines = []
+    for r in results:
+        prefill = ", ".join(f"{n} tok: {v} tok/s" for n, v in r["prefill_tokens_per_s"].items())
+        lines.append(f"{r['shape']} {('int' + str(r['bits'])) if r['bits'] else r['dtype']}: decode "
+                     f"{r['decode_ms_per_token']} ms/token ({r['decode_tokens_per_s']} tok/s); prefill {prefill}; "
+                     f"peak RSS {r['peak_rss_gib']} GiB" + (f"; load {r['load_s']} s" if "load_s" in r else ""))
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The public face of glmkit: the names ChatGLM and Hugging Face users already know.
+
+`GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
+`generate`, `chat`, `stream_chat`, `infill`, `save_pretrained`); each method delegates to the module that
+owns the idea, so the model file stays a model file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmkit.checkpoints.hf import load_model, save_model
+from glmkit.generation import chat as chat_lib
+from glmkit.generation.beam import beam_generate
+from glmkit.generation.generate import SamplingParams, generate, stream_tokens
+from glmkit.generation.infill import fill_text
+from glmkit.models.glm import GLM
+from glmkit.parallel import tp as tp_lib
+from glmkit.peft.adapters import load_adapter
+from glmkit.text.tokenizer import ChatGLMTokenizer
+
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+
+
+class NoDefaultModelError(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The demo model shipped inside the package, used when no model path is given."""
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        raise NoDefaultModelError(
+            "this glmkit build ships no demo model yet, so a model path is required: pass --model PATH "
+            "(or glmkit.load(PATH)) with a ChatGLM-6B directory (config.json, weights, ice_text.model)"
+        )
+    return DEMO_MODEL_DIR
+
+
+class GLMForCausalLM(GLM):
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+        progress: bool = True, quantize: int | None = None, group_size: int | None = None,
+        adapter: str | Path | None = None, tp: int = 1, tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
+        quantize_embeddings: bool | int = False,
+    ) -> GLMForCausalLM:
+        """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
+
+        quantize=8|4 quantizes the block linears while loading (INT4 group-wise, `group_size` columns
+        per scale, 128 by default); a checkpoint saved quantized loads quantized without it.
+        quantize_embeddings=True (or 8) also stores the word embedding and output table as INT8 rows,
+        quantize_embeddings=4 as INT4 rows with one scale per 128 columns.
+        adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
+        scripts) applied on top, after quantizing.
+        tp=N: this process is one of N torchrun ranks (every rank calls this alike); it joins the job
+        (collectives time out after `tp_timeout` seconds) and holds only its shard of the model."""
+        if tp > 1:
+            if adapter is not None:
+                raise tp_lib.TPError("adapters are not sharded: fold it in first (glmkit merge), then load with --tp")
+            device = tp_lib.init(tp, device, tp_timeout)
+        model = load_model(path, dtype=dtype, device=device, progress=progress and tp_lib.rank() == 0,
+                           model_class=cls, quantize=quantize, group_size=group_size, tp=tp,
+                           quantize_embeddings=quantize_embeddings)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        return model
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write the official layout (safetensors unless safe_serialization=False), tokenizer included."""
+        return save_model(self, path, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """HF-style: returns the prompts followed by the new tokens. Accepts (and re-derives) the
+        tokenizer's attention_mask / position_ids, so `model.generate(**tokenizer(texts, padding=True))` works."""
+        kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            return beam_generate(self, input_ids, params)
+        return generate(self, input_ids, params)
+
+    def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Like generate, but yields each step's new tokens [B] as they are produced."""
+        params = SamplingParams(**_eos_as_tuple(kwargs))
+        if params.num_beams > 1:
+            raise ValueError("beam search only knows its answer at the end, so it cannot stream tokens; "
+                             "call generate(..., num_beams=N), or stream_chat, which yields the answer once")
+        return stream_tokens(self, [row.tolist() for row in input_ids], params)
+
+    def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
+        """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""
+        return chat_lib.chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None,
+                    **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
+        return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
+
+    def infill(self, tokenizer: ChatGLMTokenizer, text: str, **kwargs: Any) -> str:
+        """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,
+        each answer visible to the next blank. Greedy unless do_sample=True; num_beams searches each blank;
+        max_new_tokens bounds each answer. glmkit.generation.infill.fill_text also returns the answers alone."""
+        return fill_text(self, tokenizer, text, SamplingParams(**_eos_as_tuple(kwargs))).text
+
+
+def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Accept HF's eos_token_id (int or list) as well as eos_token_ids."""
+    eos = kwargs.pop("eos_token_id", None)
+    if eos is not None:
+        kwargs["eos_token_ids"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    return kwargs
+
+
+def load(
+    path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+    progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
+    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False,
+) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
+    """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
+    path = Path(path).expanduser() if path is not None else default_model_path()
+    model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
+                                           adapter=adapter, tp=tp, tp_timeout=tp_timeout,
+                                           quantize_embeddings=quantize_embeddings)
+    tokenizer = ChatGLMTokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {path} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
+            "ice_text.model does not belong to these weights"
+        )
+    return model, tokenizer
