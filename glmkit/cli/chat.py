@@ -1,0 +1,169 @@
+"""The commands that talk to a model: `chat` in the terminal, `generate` and `infill` for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+
+from glmkit.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    from_rank0,
+    load_from_args,
+    sampling_kwargs,
+    text_argument,
+)
+from glmkit.parallel import tp as tp_lib
+
+CHAT_HELP = """\
+glmkit chat: type a message and press Enter.
+  clear          forget the conversation so far
+  stop, Ctrl-D   leave
+  Ctrl-C         interrupt the answer being written (the conversation goes on)
+  a line ending in \\ continues on the next line; \"\"\" on its own line starts and ends a block"""
+
+
+def read_query(prompt: str) -> str:
+    """One message: a line, lines joined by trailing backslashes, or a \"\"\" block."""
+    line = input(prompt)
+    if line.strip() == '"""':
+        lines = []
+        while (line := input("... ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input("... ")
+    return "\n".join([*lines, line])
+
+
+def print_stream(responses: Iterator[str]) -> str:
+    """Print a growing, cleaned-up response; hold back its last character, which the clean-up may still change."""
+    printed, response = "", ""
+    for response in responses:
+        stable = response[:-1]
+        if stable.startswith(printed):
+            sys.stdout.write(stable[len(printed):])
+            sys.stdout.flush()
+            printed = stable
+    sys.stdout.write(response[len(printed):] if response.startswith(printed) else "\n" + response)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return response
+
+
+def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str:
+    """Stream one answer; Ctrl-C stops it and keeps what was written so far."""
+    sys.stdout.write("GLM: ")
+    latest = ""
+
+    def responses() -> Iterator[str]:
+        nonlocal latest
+        for latest, _ in model.stream_chat(tokenizer, query, history, **options):  # noqa: B007
+            yield latest
+
+    try:
+        return print_stream(responses())
+    except KeyboardInterrupt:
+        print(" [interrupted]")
+        return latest
+
+
+def next_message() -> str | None:
+    """The user's next message; None when they leave (Ctrl-D), empty after Ctrl-C."""
+    try:
+        return read_query("You: ")
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        print()
+        return ""
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """Chat samples by default: a conversation reads better varied than greedy."""
+    add_model_args(parser)
+    add_sampling_args(parser, sample_by_default=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal session; under --tp rank 0 reads the messages and every rank answers them."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    model, tokenizer = load_from_args(args)
+    print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
+    history: list[tuple[str, str]] = []
+    while True:
+        query = from_rank0(next_message() if tp_lib.rank() == 0 else None, args.tp)
+        if query is None or query.strip() == "stop":
+            return 0
+        if query.strip() == "clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not query.strip():
+            continue
+        try:
+            response = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"\n(not answered: {e}; type 'clear' to start over)")
+            continue
+        history = history + [(query, response)]
+
+
+def add_one_shot_arguments(parser: argparse.ArgumentParser, text: str, what: str, max_new_tokens_help: str) -> None:
+    """generate's and infill's shared shape: the TEXT words (or `-` for stdin), a model, greedy unless --sample."""
+    parser.add_argument(text, nargs="+", help=f"{what}; '-' reads it from stdin")
+    add_model_args(parser)
+    add_sampling_args(parser, sample_by_default=False)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=max_new_tokens_help)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """--stop: a script often wants the answer up to a marker, not the model's whole turn."""
+    add_one_shot_arguments(parser, "prompt", "the prompt", "stop after this many tokens")
+    parser.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one answer to stdout, bare, so that scripts can pipe it."""
+    model, tokenizer = load_from_args(args, progress=False)
+    prompt = text_argument(args.prompt, args.tp)
+    from glmkit.generation.chat import stream_text
+    from glmkit.generation.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), **sampling_kwargs(args))
+    printed = ""
+    for text in stream_text(model, tokenizer, tokenizer.encode(prompt), params):
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_infill_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json: with several blanks, a script needs each answer apart, not only the filled text."""
+    add_one_shot_arguments(parser, "text", "the text with blanks", "longest answer per blank, in tokens")
+    parser.add_argument("--json", action="store_true", help='print {"text", "answers"}')
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    """The text with its blanks filled (or, with --json, the answers too)."""
+    from glmkit.generation.generate import SamplingParams
+    from glmkit.generation.infill import fill_text
+
+    model, tokenizer = load_from_args(args, progress=False)
+    text = text_argument(args.text, args.tp)
+    filled = fill_text(model, tokenizer, text, SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                              **sampling_kwargs(args)))
+    if args.json:
+        print(json.dumps({"text": filled.text, "answers": filled.answers}, ensure_ascii=False))
+    else:
+        print(filled.text)
+    return 0

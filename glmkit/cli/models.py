@@ -1,0 +1,200 @@
+"""The commands that work on model directories: describe (`info`), quantize, reshard, convert and merge them,
+and `bench` the code that runs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from glmkit.checkpoints.hf import describe
+from glmkit.cli.common import add_embedding_args, add_model_args, embedding_bits_from, load_from_args
+from glmkit.pretrained import GLMForCausalLM
+from glmkit.quant.quantize import embedding_group
+
+CONVERT_EPILOG = """\
+SRC is the folder the official scripts pass as --load: it holds `latest` (the iteration) and
+<iteration>/mp_rank_00_model_states.pt ... one file per model-parallel rank, any number of ranks.
+The checkpoint stores no config, so give the sizes as the official script does
+(configs/model_glm_130b.sh), or --preset glm-130b for the released model; arguments given
+next to --preset override it.
+
+examples:
+  glmkit convert --from sat ~/glm-130b-sat ~/models/glm-130b --preset glm-130b
+  glmkit convert --from sat ckpt out --num-layers 2 --hidden-size 64 --inner-hidden-size 96 \\
+      --num-attention-heads 4 --vocab-size 150528 --max-sequence-length 2048 --layernorm-order post
+
+The output loads with GLMForCausalLM.from_pretrained(DST) and is described by `glmkit info DST`.
+For text, copy icetk's text tokenizer (ice_text.model; the first ChatGLM-6B release ships the same
+file) into DST, or pass it with --tokenizer."""
+
+SAVE_DTYPES = ["float16", "bfloat16", "float32"]
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    """A path, not --model: info reads the files and never loads the default model."""
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def quantization_lines(config: dict) -> list[str]:
+    """info's lines on what is quantized, in the words of the layout each scale follows."""
+    lines = []
+    if config.get("quantization_bit"):
+        group = config.get("quantization_group_size") or 0
+        lines.append(f"quantized    INT{config['quantization_bit']} block linears, "
+                     f"{f'one scale per {group} columns' if group else 'one scale per row (official layout)'}")
+    if config.get("quantization_embedding_bit"):
+        bits = config["quantization_embedding_bit"]
+        group = embedding_group(bits, config["hidden_size"])
+        lines.append(f"quantized    INT{bits} word embedding and output layer, "
+                     f"{f'one scale per {group} columns' if group else 'one scale per token'}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """What a model directory holds, from its config and file headers (no weights loaded)."""
+    facts = describe(args.path)
+    if args.json:
+        print(json.dumps(facts, indent=2, ensure_ascii=False))
+        return 0
+    c = facts["config"]
+    print(f"model        {facts['path']}")
+    print(f"architecture GLM ({'2D' if c['position_encoding_2d'] else '1D'} rotary), {c['num_layers']} layers, "
+          f"hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
+          f"{'GeGLU ' if c.get('mlp_type') == 'geglu' else ''}MLP {c['inner_hidden_size']}")
+    print(f"vocabulary   {c['vocab_size']} ids; context {c['max_sequence_length']} tokens")
+    print(f"parameters   {facts['parameters']:,} ({facts['parameters'] / 1e9:.2f} B)")
+    print(f"dtype        {', '.join(facts['dtype_on_disk'])} on disk (config: {c['torch_dtype']})")
+    for line in quantization_lines(c):
+        print(line)
+    print(f"size on disk {facts['size_on_disk_bytes'] / 2**20:.1f} MiB in {len(facts['weight_files'])} weight file(s)")
+    print(f"tokenizer    {'ice_text.model present' if facts['tokenizer'] else 'missing (no ice_text.model)'}")
+    return 0
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bits is required: the two layouts differ in size and quality, so there is no silent default."""
+    parser.add_argument("src", type=Path, help="a full-precision model directory")
+    parser.add_argument("dst", type=Path, help="where to write the quantized model")
+    parser.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="INT4 input columns per scale (default 128; 0: one scale per row, the official layout)")
+    add_embedding_args(parser, "--embeddings", "(glmkit's own config key: the official code cannot load it)")
+    parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float16",
+                        help="dtype of the scales, biases, norms and embeddings on disk (default: float16)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize while loading, then save: the result is an ordinary model directory."""
+    model = GLMForCausalLM.from_pretrained(args.src, quantize=args.bits, group_size=args.group_size,
+                                           quantize_embeddings=embedding_bits_from(args, "embeddings"))
+    out = model.save_pretrained(args.dst, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    print(f"glmkit: wrote a {args.bits}-bit model to {out} ({size / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+def add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tp here is the size to write, not a run option, so it is required and takes no --tp-timeout."""
+    parser.add_argument("src", type=Path, help="a model directory (unsharded or resharded)")
+    parser.add_argument("dst", type=Path, help="where to write the resharded model")
+    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel size to write (1: unsharded)")
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    """Write per-rank files and say how to load them."""
+    from glmkit.checkpoints.reshard import reshard
+
+    files = reshard(args.src, args.dst, args.tp)
+    size = sum(f.stat().st_size for f in files)
+    how = f"--tp {args.tp} (torchrun --nproc-per-node {args.tp})" if args.tp > 1 else "without --tp"
+    print(f"glmkit: wrote {len(files)} weight file(s), {size / 2**20:.1f} MiB, to {args.dst}; load it {how}")
+    return 0
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The official launch scripts' size arguments, under their own names, since the checkpoint stores none."""
+    parser.add_argument("--from", dest="source", choices=["sat"], required=True,
+                        help="checkpoint format: sat = SwissArmyTransformer (GLM-130B's official release)")
+    parser.add_argument("src", type=Path, help="the SAT checkpoint folder (holds `latest`)")
+    parser.add_argument("dst", type=Path, help="the model directory to write")
+    parser.add_argument("--preset", choices=["glm-130b"], default=None, help="the released model's sizes")
+    sizes = parser.add_argument_group("sizes (the official scripts' arguments)")
+    for flag in ("--num-layers", "--hidden-size", "--inner-hidden-size", "--num-attention-heads", "--vocab-size",
+                 "--max-sequence-length"):
+        sizes.add_argument(flag, type=int, default=None)
+    sizes.add_argument("--layernorm-order", default="post", help="GLM-130B's is 'post' (the only one supported)")
+    parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float16",
+                        help="dtype of the written weights (default: float16, the release's)")
+    parser.add_argument("--max-shard-size", default="2GB", help="size of each output safetensors file (default 2GB)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="an ice_text.model to copy into DST")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Merge the SAT shards; the sizes come from --preset, overridden by the size flags, and none may be missing."""
+    from glmkit.checkpoints.sat import SIZE_ARGUMENTS, convert_sat, sat_config
+    from glmkit.models.config import PRESETS
+
+    sizes = dict(PRESETS[args.preset]) if args.preset else {}
+    sizes = {k: v for k, v in sizes.items() if k in SIZE_ARGUMENTS}
+    sizes.update({k: getattr(args, k) for k in SIZE_ARGUMENTS if getattr(args, k) is not None})
+    missing = [flag for key, flag in SIZE_ARGUMENTS.items() if key not in sizes and key != "inner_hidden_size"]
+    if missing:
+        raise ValueError(f"the checkpoint stores no config: give {', '.join(missing)} (as the official launch "
+                         "script does) or --preset glm-130b")
+    config = sat_config(**sizes, layernorm_order=args.layernorm_order)
+    out = convert_sat(args.src, args.dst, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      tokenizer=args.tokenizer)
+    print(f"glmkit: wrote {out} ({config.num_layers} layers, hidden {config.hidden_size}, {args.dtype})")
+    return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """A shape, not --model: bench builds random weights, so a 6B run needs no checkpoint."""
+    parser.add_argument("--shape", choices=["chatglm-6b", "tiny"], default="tiny")
+    parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="weight-only INT8/INT4 block linears")
+    add_embedding_args(parser, "--quantize-embeddings", "as built")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="weights (full precision) or activations, scales and the rest (quantized)")
+    parser.add_argument("--prompt-len", type=int, nargs="+", default=[32, 512], help="prefill lengths to time")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps to time (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill repeats (median reported)")
+    parser.add_argument("--load", action="store_true", help="also time loading it back from a safetensors checkpoint")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """One configuration per process, so that the peak memory reported is its own."""
+    from glmkit.perf.speed import report, run
+
+    result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
+                 measure_load=args.load, repeats=args.repeats,
+                 embeddings=embedding_bits_from(args, "quantize_embeddings"))
+    print(report([result], args.json))
+    return 0
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags (--adapter among them) say what to merge; --save-dtype, since --dtype is the compute dtype."""
+    add_model_args(parser)
+    parser.add_argument("--output", "-o", type=Path, required=True)
+    parser.add_argument("--save-dtype", choices=SAVE_DTYPES, default=None,
+                        help="dtype on disk (default: the base checkpoint's)")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold the adapter in and save model and tokenizer, so that the output needs no adapter to load."""
+    from glmkit.peft.adapters import merge_adapter
+
+    if args.adapter is None:
+        raise ValueError("merge needs --adapter DIR (the adapter to fold into --model)")
+    if args.tp > 1:
+        raise ValueError("merge runs in one process; drop --tp (glmkit reshard splits the merged model afterwards)")
+    model, tokenizer = load_from_args(args)
+    merge_adapter(model)
+    out = model.save_pretrained(args.output, dtype=args.save_dtype or model.config.torch_dtype)
+    tokenizer.save_pretrained(out)
+    print(f"glmkit: merged model written to {out}")
+    return 0
