@@ -16,8 +16,9 @@ import torch
 from glmkit.checkpoints.hf import load_model, save_model
 from glmkit.generation import chat as chat_lib
 from glmkit.generation.beam import beam_generate
-from glmkit.generation.generate import SamplingParams, generate, stream_tokens
+from glmkit.generation.generate import generate, stream_tokens
 from glmkit.generation.infill import fill_text
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
 from glmkit.peft.adapters import load_adapter

@@ -13,21 +13,34 @@ with what to do about it, before a half-filled model can be used.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from glmkit.checkpoints import sat
+from glmkit.checkpoints.files import (  # the shared helpers, also importable from here as before
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    CheckpointError,
+    load_torch_file,
+    parse_size,
+    plan_shards,
+    release_freed_memory,
+    remove_old_weights,
+    write_weights,
+)
+from glmkit.checkpoints.files import TORCH_DTYPES as DTYPES
 from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM
+from glmkit.models.modules import replace_module
 from glmkit.parallel import tp as tp_lib
 from glmkit.parallel.layout import shard_dim
 from glmkit.quant.quantize import (
@@ -42,21 +55,12 @@ from glmkit.quant.quantize import (
 from glmkit.quant.quantize import embedding_bits as quantize_embedding_bits
 from glmkit.quant.quantize import quantize_embeddings as quantize_embeddings_in_place
 
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_SINGLE = "pytorch_model.bin"
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 # Buffers the official checkpoint stores that glmkit recomputes.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
                "I64": torch.int64, "I32": torch.int32}
 TP_SIZE_KEY = "tensor_parallel_size"  # config.json key of a checkpoint saved as per-rank files
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded, with what to do about it."""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: GLMConfig, device: torch.device) -> torch.dtype:
@@ -116,19 +120,9 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
         else:
-            yield from _load_bin(path).items()
+            yield from load_torch_file(path).items()
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({e}); re-download it") from e
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a .bin is a pickle, and pickles from the internet must not run code.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
 
 
 def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
@@ -194,34 +188,16 @@ def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, d
     module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc). The full-precision weights freed after quantizing
-    sit between the kept int8 ones, and glibc would otherwise keep them all: measured, loading a
-    150M-parameter model at INT4 peaked at the fp32 model's size without this, at a third with it."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-
-
 def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
                           reduce_absmax: Callable | None = None, quantize_embeddings: bool = False) -> None:
-    parent_name, _, attr = module_name.rpartition(".")
+    attr = module_name.rpartition(".")[2]
     module = model.get_submodule(module_name)
     complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
     if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
         group = group_for(module.in_features, group)
         reduce = reduce_absmax(module_name, group) if reduce_absmax else None
         layer = QuantizedLinear.from_linear(module, bits, group, reduce)
-        setattr(model.get_submodule(parent_name), attr, layer)
+        replace_module(model, module_name, layer)
         del module
         release_freed_memory()
 
@@ -324,8 +300,6 @@ def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
 def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
     """The files of each stored rank: one per rank for a resharded or SAT checkpoint, all of them otherwise."""
     if (directory / "latest").is_file():
-        from glmkit.checkpoints import sat  # imported here: sat builds on this module
-
         return [[f] for f in sat.rank_files(sat.iteration_directory(directory))]
     if stored == 1:
         return [weight_files(directory)]
@@ -342,8 +316,6 @@ def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
     for path in files:
         if path.suffix == ".pt":  # a SAT rank file
-            from glmkit.checkpoints import sat
-
             yield from ((n, t) for n, t in sat.load_rank(path).items() if not sat.ignored(n))
         elif path.suffix != ".safetensors":
             yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
@@ -369,56 +341,6 @@ def _map_tensor(f, path: Path, name: str, meta: dict, data_start: int) -> torch.
         memory.madvise(mmap.MADV_RANDOM)
     flat = torch.frombuffer(memory, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - aligned)
     return flat.view(meta["shape"])
-
-
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets one of its own)."""
-    plan: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes.items():
-        if plan[-1] and size + nbytes > max_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(name)
-        size += nbytes
-    return plan
-
-
-def write_weights(directory: Path, plan: list[list[str]], tensor: Callable[[str], torch.Tensor],
-                  safe_serialization: bool = True) -> None:
-    """Write the planned shards (and their index) one at a time, asking for each tensor only when its shard
-    is written: a converter can then build tensors on the fly and hold one shard in memory, not the model."""
-    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    names = [f"{stem}.{ext}"] if len(plan) == 1 else [
-        f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))
-    ]
-    total = 0
-    for name, keys in zip(names, plan, strict=True):
-        shard = {key: tensor(key) for key in keys}
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        if safe_serialization:
-            save_file(shard, str(directory / name), metadata={"format": "pt"})
-        else:
-            torch.save(shard, directory / name)
-        del shard
-        release_freed_memory()
-    if len(plan) > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {key: name for name, keys in zip(names, plan, strict=True) for key in keys},
-        }
-        (directory / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_model(
@@ -447,13 +369,6 @@ def save_model(
     config.save(directory)
     _copy_tokenizer(getattr(model, "name_or_path", None), directory)
     return directory
-
-
-def remove_old_weights(directory: Path) -> None:
-    """Stale shards of an earlier save would shadow or mix with the new ones at load time."""
-    for pattern in ("model*.safetensors", "pytorch_model*.bin", SAFE_INDEX, BIN_INDEX):
-        for old in directory.glob(pattern):
-            old.unlink()
 
 
 def _copy_tokenizer(source: str | None, directory: Path) -> None:

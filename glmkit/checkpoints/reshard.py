@@ -20,17 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glmkit.checkpoints.hf import (
-    SAFE_SINGLE,
-    TOKENIZER_FILES,
-    TP_SIZE_KEY,
-    CheckpointError,
-    local_tensors,
-    read_config,
-    remove_old_weights,
-    stored_tp_size,
-    tp_file,
-)
+from glmkit.checkpoints.files import SAFE_SINGLE, CheckpointError, remove_old_weights
+from glmkit.checkpoints.hf import TOKENIZER_FILES, TP_SIZE_KEY, local_tensors, read_config, stored_tp_size, tp_file
 from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib

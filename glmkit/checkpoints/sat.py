@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from glmkit.checkpoints.hf import DTYPES, CheckpointError, parse_size, plan_shards, remove_old_weights, write_weights
+from glmkit.checkpoints.files import (
+    TORCH_DTYPES,
+    CheckpointError,
+    load_torch_file,
+    parse_size,
+    plan_shards,
+    remove_old_weights,
+    write_weights,
+)
 from glmkit.models.config import GLMConfig, glm130b_architecture
 from glmkit.models.glm import GLM
 from glmkit.parallel.layout import merge_tensors, shard_dim
@@ -122,13 +130,10 @@ def rank_files(directory: Path) -> list[Path]:
 
 
 def load_rank(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a .pt is a pickle, and pickles from the internet must not run code.
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = load_torch_file(path)
     except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise SatCheckpointError(f"cannot read {path}: {e}") from e
-        data = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
+        raise SatCheckpointError(f"cannot read {path}: {e}") from e
     except Exception as e:  # unpickling errors come in many types
         raise SatCheckpointError(f"cannot read {path} as weights ({e}); it is truncated, or more than a "
                                  "{'module': state_dict} checkpoint") from e
@@ -211,8 +216,8 @@ def convert_sat(src: str | Path, dst: str | Path, config: GLMConfig, *, dtype: s
                 max_shard_size: int | str = "2GB", tokenizer: str | Path | None = None,
                 progress: bool = True) -> Path:
     """Write a glmkit model directory (config.json, safetensors shards) from a SAT checkpoint."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     checkpoint = open_checkpoint(src)
     config = GLMConfig.from_dict({**config.to_dict(), "torch_dtype": dtype})
     expected = expected_shapes(config)
@@ -220,7 +225,7 @@ def convert_sat(src: str | Path, dst: str | Path, config: GLMConfig, *, dtype: s
     out = Path(dst).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     remove_old_weights(out)
-    target = DTYPES[dtype]
+    target = TORCH_DTYPES[dtype]
     sizes = {n: shape.numel() * target.itemsize for n, shape in expected.items()}
     bar = tqdm(total=len(sizes), desc="merging ranks", unit="tensor", disable=not progress)
 

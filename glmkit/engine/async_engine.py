@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from glmkit.engine.engine import Engine
 from glmkit.engine.request import StepOutput
 from glmkit.engine.scheduler import QueueFull
-from glmkit.generation.generate import SamplingParams
+from glmkit.generation.sampling import SamplingParams
 
 
 @dataclass

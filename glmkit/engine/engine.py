@@ -9,7 +9,8 @@ from glmkit.engine.parallel import BroadcastRunner
 from glmkit.engine.request import Request, StepOutput
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
-from glmkit.generation.generate import SamplingParams, end_tokens
+from glmkit.generation.generate import end_tokens
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
 

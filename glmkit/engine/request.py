@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from glmkit.generation.generate import SamplingParams
+from glmkit.generation.sampling import SamplingParams
 
 
 @dataclass

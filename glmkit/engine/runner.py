@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from glmkit.generation.generate import SamplingParams, make_generator, process_logits, sample
+from glmkit.generation.generate import make_generator, process_logits, sample
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.models.positions import position_step, sequence_layout
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from glmkit.training.data.instructions import is_cjk
+from glmkit.text.scripts import is_cjk
 
 PER_GROUP = 40  # examples per task and language
 TEXT_CHARS = 4000  # characters of held-out text per language for perplexity

@@ -27,7 +27,6 @@ import torch
 
 from glmkit.generation.generate import (
     DecodeState,
-    SamplingParams,
     ban_tokens,
     decode_one_token,
     end_tokens,
@@ -35,6 +34,7 @@ from glmkit.generation.generate import (
     process_logits,
     strip_left_padding,
 )
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
 # tokens [n], parents [n] (the beam row each token extends) -> next logits [n, V]

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from glmkit.generation.beam import beam_search
-from glmkit.generation.generate import SamplingParams, end_tokens, stream_tokens
+from glmkit.generation.generate import end_tokens, stream_tokens
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
 History = list[tuple[str, str]]
@@ -111,11 +112,7 @@ def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: 
     kwargs.pop("logits_processor", None)  # the official API passes one; its rule is built in
     defaults = {**CHAT_DEFAULTS, "do_sample": False} if num_beams > 1 else CHAT_DEFAULTS
     options = {**defaults, **kwargs, "num_beams": num_beams}
-    return SamplingParams(
-        eos_token_ids=(tokenizer.eos_token_id,),
-        invalid_score_token_id=tokenizer.convert_tokens_to_ids("▁"),
-        **options,
-    )
+    return SamplingParams.for_tokenizer(tokenizer, **options)
 
 
 def stream_chat(

@@ -28,7 +28,8 @@ import torch
 
 from glmkit.generation.beam import search
 from glmkit.generation.chat import Tokenizer
-from glmkit.generation.generate import SamplingParams, ban_tokens, make_generator, process_logits, sample
+from glmkit.generation.generate import ban_tokens, make_generator, process_logits, sample
+from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.models.positions import positions_1d, positions_2d
 

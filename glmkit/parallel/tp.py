@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from glmkit.models.modules import replace_module
 from glmkit.parallel.layout import merge_tensors, shard_dim, split_tensor
 from glmkit.quant.quantize import QuantizedLinear
 
@@ -175,7 +176,7 @@ def apply_tp(model: nn.Module, rank_: int, world_size: int) -> nn.Module:
     for name, module in list(model.named_modules()):
         for attr, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and (dim := shard_dim(f"{name}.{attr}.weight".lstrip("."))) is not None:
-                setattr(module, attr, _local_linear(child, dim, world_size))
+                replace_module(module, attr, _local_linear(child, dim, world_size))
     for layer in model.transformer.layers:
         layer.attention.num_heads //= world_size
         layer.attention.register_forward_hook(_all_reduce)

@@ -25,6 +25,7 @@ from torch import nn
 
 from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM, PrefixEncoder
+from glmkit.models.modules import replace_module
 from glmkit.quant.quantize import QUANTIZED_LINEARS, QuantizedLinear, dequantize, pack_int4, quantize_weight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -117,9 +118,8 @@ def add_lora(model: GLM, config: LoraConfig) -> list[str]:
     wrapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear | QuantizedLinear) and matches_target(name, config.target_modules):
-            parent_name, _, attr = name.rpartition(".")
             layer = LoRALinear(module, config.r, config.lora_alpha, config.lora_dropout).train(model.training)
-            setattr(model.get_submodule(parent_name), attr, layer)
+            replace_module(model, name, layer)
             wrapped.append(name)
     if not wrapped:
         known = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -280,8 +280,7 @@ def merge_adapter(model: GLM) -> GLM:
     the official code stores a P-Tuning model too."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, module.merged())
+            replace_module(model, name, module.merged())
     return model
 
 

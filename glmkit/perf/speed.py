@@ -23,6 +23,7 @@ from torch import nn
 
 from glmkit.generation.generate import decode_one_token, prefill
 from glmkit.models.config import GLMConfig, preset
+from glmkit.models.modules import replace_module
 from glmkit.pretrained import GLMForCausalLM
 from glmkit.quant import kernels
 from glmkit.quant.quantize import (
@@ -55,7 +56,7 @@ def random_model(config: GLMConfig, dtype: torch.dtype, bits: int = 0, seed: int
     if bits:
         group = default_group(bits)
         for parent, attr, child in block_linears(model):
-            setattr(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
+            replace_module(parent, attr, random_quantized(child, bits, group_for(child.in_features, group), dtype, std))
         record_quantization(model, bits, group)
     if embeddings:
         table = QuantizedEmbedding(config.vocab_size, config.hidden_size, dtype, bits=embeddings)

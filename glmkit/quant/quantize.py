@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmkit.models.modules import replace_module
 from glmkit.quant import kernels
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -376,7 +377,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None) -
     group = default_group(bits) if group_size is None else group_size
     for parent, attr, child in block_linears(model):
         if isinstance(child, nn.Linear):
-            setattr(parent, attr, QuantizedLinear.from_linear(child, bits, group_for(child.in_features, group)))
+            replace_module(parent, attr, QuantizedLinear.from_linear(child, bits, group_for(child.in_features, group)))
     record_quantization(model, bits, group)
     return model
 
@@ -388,7 +389,7 @@ def quantized_layout(model: nn.Module, bits: int, group_size: int, dtype: torch.
             layer = QuantizedLinear(child.in_features, child.out_features, bits,
                                     group_for(child.in_features, group_size), child.bias is not None, dtype=dtype,
                                     device=child.weight.device)
-            setattr(parent, attr, layer)
+            replace_module(parent, attr, layer)
     record_quantization(model, bits, group_size)
     return model
 

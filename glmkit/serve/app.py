@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 
 from glmkit.engine import Engine, QueueFull
 from glmkit.engine.async_engine import AsyncEngine
+from glmkit.engine.protocol import EngineClient
 from glmkit.models.glm import GLM
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
@@ -21,8 +22,20 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 def create_app(model: GLM, tokenizer: ChatGLMTokenizer, model_name: str, *, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, cors_origins: list[str] | None = None) -> FastAPI:
-    engine = AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue))
-    serving = Serving(engine, tokenizer, model_name, model.config.max_sequence_length)
+    """The app over a new batching engine for `model`."""
+    return build_app(start_engine(model, max_batch, max_queue), tokenizer, model_name,
+                     model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins)
+
+
+def start_engine(model: GLM, max_batch: int, max_queue: int) -> EngineClient:
+    """The one place the server builds its concrete engine: continuous batching on a thread of its own."""
+    return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue))
+
+
+def build_app(engine: EngineClient, tokenizer: ChatGLMTokenizer, model_name: str, context: int, *,
+              api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    """The routes over any engine client; `context` is the model's max_sequence_length."""
+    serving = Serving(engine, tokenizer, model_name, context)
     app = FastAPI(title="glmkit", description="OpenAI-compatible and ChatGLM APIs for GLM models")
     app.state.serving = serving
     if cors_origins:
@@ -102,7 +115,7 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def prometheus_text(serving: Serving, engine: AsyncEngine) -> str:
+def prometheus_text(serving: Serving, engine: EngineClient) -> str:
     m = serving.metrics
     lines = ["# TYPE glmkit_requests_total counter"]
     lines += [f"glmkit_requests_total{{{labels}}} {n}" for labels, n in sorted(m.requests.items())]

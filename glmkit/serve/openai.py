@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from glmkit.engine.async_engine import AsyncEngine
+from glmkit.engine.protocol import EngineClient
 from glmkit.generation.chat import build_prompt, held_back, process_response, with_system
-from glmkit.generation.generate import SamplingParams
+from glmkit.generation.sampling import SamplingParams
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
 from glmkit.text.tokenizer import ChatGLMTokenizer
 
@@ -55,7 +55,7 @@ class Completion:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, tokenizer: ChatGLMTokenizer, model_name: str, context: int) -> None:
+    def __init__(self, engine: EngineClient, tokenizer: ChatGLMTokenizer, model_name: str, context: int) -> None:
         self.engine, self.tokenizer, self.model_name, self.context = engine, tokenizer, model_name, context
         self.metrics = Metrics()
 
@@ -79,12 +79,10 @@ class Serving:
 
     def params(self, request: SamplingFields, choice: int = 0) -> SamplingParams:
         """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
-        return SamplingParams(
-            max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+        return SamplingParams.for_tokenizer(
+            self.tokenizer, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
             temperature=request.temperature or 1.0, top_p=request.top_p,
             seed=None if request.seed is None else request.seed + choice,
-            eos_token_ids=(self.tokenizer.eos_token_id,),
-            invalid_score_token_id=self.tokenizer.convert_tokens_to_ids("▁"),
         )
 
     async def stream(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...],
@@ -201,10 +199,9 @@ class Serving:
         if len(ids) >= request.max_length:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room under "
                                 f"max_length={request.max_length}", param="max_length")
-        params = SamplingParams(max_length=request.max_length, do_sample=request.temperature > 0,
-                                temperature=request.temperature or 1.0, top_p=request.top_p, top_k=50,
-                                eos_token_ids=(self.tokenizer.eos_token_id,),
-                                invalid_score_token_id=self.tokenizer.convert_tokens_to_ids("▁"))
+        params = SamplingParams.for_tokenizer(self.tokenizer, max_length=request.max_length,
+                                              do_sample=request.temperature > 0, temperature=request.temperature or 1.0,
+                                              top_p=request.top_p, top_k=50)
         done = await self.complete(ids, params, (), clean=True)
         history = [*[list(turn) for turn in request.history], [request.prompt, done.text]]
         return {"response": done.text, "history": history, "status": 200,

@@ -4,7 +4,8 @@ step get exactly the tokens they would get alone."""
 import torch
 
 from glmkit.engine import Engine
-from glmkit.generation.generate import SamplingParams, stream_tokens
+from glmkit.generation.generate import stream_tokens
+from glmkit.generation.sampling import SamplingParams
 
 from tiny import prompt, random_model, tiny_config
 

@@ -4,7 +4,7 @@ import pytest
 
 from glmkit.engine.request import Request
 from glmkit.engine.scheduler import QueueFull, Scheduler
-from glmkit.generation.generate import SamplingParams
+from glmkit.generation.sampling import SamplingParams
 
 
 def req(name: str) -> Request:

@@ -10,7 +10,8 @@ import torch
 import glmkit
 import glmkit.cli
 from glmkit.generation.beam import Hypotheses, beam_search, gnmt_penalty, top_candidates
-from glmkit.generation.generate import SamplingParams, banned_by_ngrams, stream_tokens
+from glmkit.generation.generate import banned_by_ngrams, stream_tokens
+from glmkit.generation.sampling import SamplingParams
 
 from tiny import prompt, random_model, tiny_config, write_chat_model
 

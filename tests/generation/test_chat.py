@@ -5,7 +5,7 @@ import torch
 
 import glmkit
 from glmkit.generation.chat import build_prompt, held_back, process_response, stream_text
-from glmkit.generation.generate import SamplingParams
+from glmkit.generation.sampling import SamplingParams
 
 from tiny import write_chat_model
 

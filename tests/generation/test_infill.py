@@ -9,8 +9,8 @@ import torch
 import glmkit
 import glmkit.cli
 from glmkit.generation.beam import beam_search
-from glmkit.generation.generate import SamplingParams
 from glmkit.generation.infill import BlankIds, NoBlankError, encode_text, fill_ids, fill_text
+from glmkit.generation.sampling import SamplingParams
 
 from tiny import EOP, GMASK, MASK, SOP, random_model, tiny_config, write_chat_model
 

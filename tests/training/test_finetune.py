@@ -12,7 +12,8 @@ from safetensors import safe_open
 from glmkit import GLMForCausalLM, load
 from glmkit.engine import Engine
 from glmkit.eval.skills import exact_match
-from glmkit.generation.generate import SamplingParams, stream_tokens
+from glmkit.generation.generate import stream_tokens
+from glmkit.generation.sampling import SamplingParams
 from glmkit.peft.adapters import (
     AdapterError,
     LoraConfig,

@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmkit.text.scripts import is_cjk
 from glmkit.training.data.corpus import Idiom, Poem, balance_quotes
 from glmkit.training.data.sources import SourceError, read_member
 
@@ -123,10 +124,6 @@ def norm(name: str) -> str:
 
 def _words(text: str) -> list[str]:
     return text.split()
-
-
-def is_cjk(text: str) -> bool:
-    return bool(text) and all("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 # =====================================================================================================

@@ -1,0 +1,32 @@
+"""What the server needs of an engine, so that it depends on this interface and not on AsyncEngine.
+
+No torch here: `glmkit.serve.openai` is typed against `EngineClient`, and AsyncEngine (the engine on its
+own thread) is the implementation the app builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from glmkit.engine.request import StepOutput
+from glmkit.generation.sampling import SamplingParams
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch slot."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch."""
+        ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """The request's step outputs as they come; raises ValueError / QueueFull if it is refused.
+
+        Closing the iterator before the last output aborts the request and frees its slot."""
+        ...
