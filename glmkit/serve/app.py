@@ -11,18 +11,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 
 from glmkit.engine import Engine, QueueFull
 from glmkit.engine.async_engine import AsyncEngine
+from glmkit.families import family_of
 from glmkit.models.glm import GLM
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def create_app(model: GLM, tokenizer: ChatGLMTokenizer, model_name: str, *, api_key: str | None = None,
+def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, cors_origins: list[str] | None = None) -> FastAPI:
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue))
-    serving = Serving(engine, tokenizer, model_name, model.config.max_sequence_length)
+    serving = Serving(engine, tokenizer, family_of(model.config).chat_format, model_name,
+                      model.config.max_sequence_length)
     app = FastAPI(title="glmkit", description="OpenAI-compatible and ChatGLM APIs for GLM models")
     app.state.serving = serving
     if cors_origins:
