@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from glmkit.checkpoints.hf import load_model, save_model
+from glmkit.families import family_of
 from glmkit.generation import chat as chat_lib
 from glmkit.generation.beam import beam_generate
 from glmkit.generation.generate import generate, stream_tokens
@@ -22,7 +23,7 @@ from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
 from glmkit.peft.adapters import load_adapter
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
 
@@ -92,15 +93,15 @@ class GLMForCausalLM(GLM):
                              "call generate(..., num_beams=N), or stream_chat, which yields the answer once")
         return stream_tokens(self, [row.tolist() for row in input_ids], params)
 
-    def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
+    def chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
         """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""
         return chat_lib.chat(self, tokenizer, query, history, **kwargs)
 
-    def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: chat_lib.History | None = None,
+    def stream_chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None,
                     **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
         return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
 
-    def infill(self, tokenizer: ChatGLMTokenizer, text: str, **kwargs: Any) -> str:
+    def infill(self, tokenizer: Tokenizer, text: str, **kwargs: Any) -> str:
         """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,
         each answer visible to the next blank. Greedy unless do_sample=True; num_beams searches each blank;
         max_new_tokens bounds each answer. glmkit.generation.infill.fill_text also returns the answers alone."""
@@ -119,13 +120,13 @@ def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
     tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False,
-) -> tuple[GLMForCausalLM, ChatGLMTokenizer]:
+) -> tuple[GLMForCausalLM, Tokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
                                            adapter=adapter, tp=tp, tp_timeout=tp_timeout,
                                            quantize_embeddings=quantize_embeddings)
-    tokenizer = ChatGLMTokenizer.from_pretrained(path)
+    tokenizer = family_of(model.config).load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer in {path} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from glmkit import families
 from glmkit.checkpoints import sat
 from glmkit.checkpoints.files import (  # the shared helpers, also importable from here as before
     BIN_INDEX,
@@ -38,7 +39,9 @@ from glmkit.checkpoints.files import (  # the shared helpers, also importable fr
     write_weights,
 )
 from glmkit.checkpoints.files import TORCH_DTYPES as DTYPES
-from glmkit.models.config import GLMConfig
+from glmkit.families import Family
+from glmkit.models import names
+from glmkit.models.config import ConfigError, GLMConfig, read_json
 from glmkit.models.glm import GLM
 from glmkit.models.modules import replace_module
 from glmkit.parallel import tp as tp_lib
@@ -55,9 +58,6 @@ from glmkit.quant.quantize import (
 from glmkit.quant.quantize import embedding_bits as quantize_embedding_bits
 from glmkit.quant.quantize import quantize_embeddings as quantize_embeddings_in_place
 
-TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
-# Buffers the official checkpoint stores that glmkit recomputes.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
                "I64": torch.int64, "I32": torch.int32}
 TP_SIZE_KEY = "tensor_parallel_size"  # config.json key of a checkpoint saved as per-rank files
@@ -81,7 +81,12 @@ def read_config(directory: Path) -> GLMConfig:
         raise CheckpointError(f"{directory} is a file; pass the model directory that contains it")
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory} has no config.json; is it a ChatGLM model directory?")
-    return GLMConfig.from_json_file(directory / "config.json")
+    path = directory / "config.json"
+    data = read_json(path)
+    try:
+        return families.detect(data).config(data)
+    except ConfigError as e:
+        raise type(e)(f"{path}: {e}") from e
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -137,11 +142,13 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
     `quantize_embeddings` (8 or 4 bits) quantizes the embedding (and output) table once it is in."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
+    output = f"{names.OUTPUT}."
     if tied:  # the output layer is the embedding table: stored once, under the embedding's names
-        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith(output)}
     seen: set[str] = set()
-    for name, tensor in read_all(directory, progress) if tensors is None else tensors:
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
+    family = families.family_of(model.config)
+    for name, tensor in read_all(directory, family, progress) if tensors is None else tensors:
+        if tied and name.startswith(output):
             continue
         if name not in expected:
             raise CheckpointError(
@@ -163,10 +170,19 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
         release_freed_memory()
 
 
-def read_all(directory: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def read_all(directory: Path, family: Family, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(internal name, tensor) of every weight the family's checkpoint holds and glmkit uses."""
     files = weight_files(directory)
     for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
-        yield from read_shard(path)
+        yield from internal_tensors(read_shard(path), family)
+
+
+def internal_tensors(tensors: Iterable[tuple[str, torch.Tensor]], family: Family) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's (name, tensor) pairs under glmkit's internal names: the one place names are mapped
+    on the way in (save_model maps them back on the way out)."""
+    for name, tensor in tensors:
+        if not family.ignores(name):
+            yield family.internal_name(name), tensor
 
 
 def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, dtype, device) -> None:
@@ -193,7 +209,7 @@ def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
     attr = module_name.rpartition(".")[2]
     module = model.get_submodule(module_name)
     complete = isinstance(module, torch.nn.Linear) and not any(p.is_meta for p in module.parameters())
-    if complete and attr in QUANTIZED_LINEARS and ".layers." in f".{module_name}":
+    if complete and attr in QUANTIZED_LINEARS and names.in_block(module_name):
         group = group_for(module.in_features, group)
         reduce = reduce_absmax(module_name, group) if reduce_absmax else None
         layer = QuantizedLinear.from_linear(module, bits, group, reduce)
@@ -281,19 +297,20 @@ def local_tensors(directory: Path, config: GLMConfig, rank: int, world: int,
     one (`latest`, mp_rank_XX files, next to a config.json) S = its model-parallel size. `for_compute`: row-parallel
     biases are zeros on ranks > 0 (the all-reduce adds rank 0's); on disk every rank keeps them."""
     sources = _rank_sources(directory, stored_tp_size(config))
+    family = families.family_of(config)
     stored = len(sources)
     if stored % world and world % stored:
         raise CheckpointError(f"{directory} is sharded for {stored} tensor-parallel ranks, which cannot be loaded at "
                               f"--tp {world}; run: glmkit reshard {directory} NEW_DIR --tp {world}")
     if stored >= world:
         per = stored // world
-        maps = [dict(_mapped(files)) for files in sources[rank * per:(rank + 1) * per]]
+        maps = [dict(_mapped(files, family)) for files in sources[rank * per:(rank + 1) * per]]
         for name in list(maps[0]):
             merged = tp_lib.merge_local(name, [m.pop(name) for m in maps], config)
             yield name, tp_lib.split_local(name, merged, rank if for_compute else 0, 0, 1, config).clone()
         return
     per = world // stored
-    for name, tensor in _mapped(sources[rank // per]):
+    for name, tensor in _mapped(sources[rank // per], family):
         yield name, tp_lib.split_local(name, tensor, rank if for_compute else 0, rank % per, per, config).clone()
 
 
@@ -311,19 +328,23 @@ def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
     return [[f] for f in files]
 
 
-def _mapped(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's mmap).
-    Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
+def _mapped(files: list[Path], family: Family) -> Iterator[tuple[str, torch.Tensor]]:
+    """(internal name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's
+    mmap). Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
     for path in files:
-        if path.suffix == ".pt":  # a SAT rank file
-            yield from ((n, t) for n, t in sat.load_rank(path).items() if not sat.ignored(n))
-        elif path.suffix != ".safetensors":
-            yield from ((n, t) for n, t in read_shard(path) if not n.endswith(IGNORED_SUFFIXES))
-        else:
-            start = 8 + int.from_bytes(path.open("rb").read(8), "little")
-            with path.open("rb") as f:
-                for name, meta in _header(path).items():
-                    yield name, _map_tensor(f, path, name, meta, start)
+        yield from internal_tensors(_mapped_file(path), family)
+
+
+def _mapped_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".pt":  # a SAT rank file
+        yield from sat.load_rank(path).items()
+    elif path.suffix != ".safetensors":
+        yield from read_shard(path)
+    else:
+        start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+        with path.open("rb") as f:
+            for name, meta in _header(path).items():
+                yield name, _map_tensor(f, path, name, meta, start)
 
 
 def _map_tensor(f, path: Path, name: str, meta: dict, data_start: int) -> torch.Tensor:
@@ -358,26 +379,30 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     remove_old_weights(directory)
     target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
+    family = families.family_of(model.config)
     state = {
-        name: t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype).contiguous()
+        family.checkpoint_name(name): t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype)
+        .contiguous()
         for name, t in model.state_dict().items()
-        if not (model.config.tie_word_embeddings and name.startswith("lm_head."))
+        if not (model.config.tie_word_embeddings and name.startswith(f"{names.OUTPUT}."))
     }
     plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
     write_weights(directory, plan, state.__getitem__, safe_serialization)
     config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
     config.save(directory)
-    _copy_tokenizer(getattr(model, "name_or_path", None), directory)
+    source = getattr(model, "name_or_path", None)
+    if source:
+        copy_tokenizer(Path(source), directory, family)
     return directory
 
 
-def _copy_tokenizer(source: str | None, directory: Path) -> None:
+def copy_tokenizer(source: Path, directory: Path, family: Family) -> None:
     """A saved model directory should be usable alone, so the tokenizer travels with the weights."""
-    if not source or Path(source).resolve() == directory.resolve():
+    if source.resolve() == directory.resolve():
         return
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).exists():
-            shutil.copyfile(Path(source) / name, directory / name)
+    for name in family.tokenizer_files:
+        if (source / name).exists():
+            shutil.copyfile(source / name, directory / name)
 
 
 def describe(path: str | Path) -> dict:
@@ -386,15 +411,17 @@ def describe(path: str | Path) -> dict:
     config = read_config(directory)
     files = weight_files(directory)
     per_rank = stored_tp_size(config) > 1
+    family = families.family_of(config)
     count, dtypes, seen = 0, set(), set()
     for file in files:
-        for name, shape, dtype in _tensor_headers(file):
+        for stored_name, shape, dtype in _tensor_headers(file):
+            name = family.internal_name(stored_name)
             if name.endswith(".weight_scale"):
                 continue  # quantization metadata, not parameters
             if per_rank and name in seen and _replicated(name):
                 continue  # every rank's file holds a whole copy: one parameter set, not N
             seen.add(name)
-            bits = config.quantization_bit if ".layers." in name else config.quantization_embedding_bit
+            bits = config.quantization_bit if names.in_block(name) else config.quantization_embedding_bit
             packed = bits == 4 and "int8" in dtype.lower() and name.endswith(".weight")
             count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
             dtypes.add(dtype)
@@ -405,7 +432,7 @@ def describe(path: str | Path) -> dict:
         "dtype_on_disk": sorted(dtypes),
         "weight_files": [f.name for f in files],
         "size_on_disk_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
-        "tokenizer": (directory / "ice_text.model").exists(),
+        "tokenizer": (directory / family.tokenizer_files[0]).exists(),
     }
 
 

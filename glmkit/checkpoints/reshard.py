@@ -14,14 +14,14 @@ written one after another from memory-mapped sources, so memory stays near one r
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from glmkit import families
 from glmkit.checkpoints.files import SAFE_SINGLE, CheckpointError, remove_old_weights
-from glmkit.checkpoints.hf import TOKENIZER_FILES, TP_SIZE_KEY, local_tensors, read_config, stored_tp_size, tp_file
+from glmkit.checkpoints.hf import TP_SIZE_KEY, copy_tokenizer, local_tensors, read_config, stored_tp_size, tp_file
 from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
@@ -40,15 +40,15 @@ def reshard(src: str | Path, dst: str | Path, tp: int) -> list[Path]:
     dst.mkdir(parents=True, exist_ok=True)
     remove_old_weights(dst)
     names = [tp_file(r, tp) for r in range(tp)] if tp > 1 else [SAFE_SINGLE]
+    family = families.family_of(config)
     for rank, name in enumerate(names):
-        state = {k: v.contiguous() for k, v in local_tensors(src, config, rank, tp, for_compute=False)}
+        tensors = local_tensors(src, config, rank, tp, for_compute=False)
+        state = {family.checkpoint_name(k): v.contiguous() for k, v in tensors}
         save_file(state, str(dst / name), metadata={"format": "pt"})
         del state
     data = {k: v for k, v in config.to_dict().items() if k != TP_SIZE_KEY}
     GLMConfig.from_dict({**data, **({TP_SIZE_KEY: tp} if tp > 1 else {})}).save(dst)
-    for tokenizer_file in TOKENIZER_FILES:
-        if (src / tokenizer_file).exists():
-            shutil.copyfile(src / tokenizer_file, dst / tokenizer_file)
+    copy_tokenizer(src, dst, family)
     return [dst / n for n in names]
 
 

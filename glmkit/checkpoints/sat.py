@@ -33,10 +33,11 @@ from glmkit.checkpoints.files import (
     remove_old_weights,
     write_weights,
 )
+from glmkit.families.glm130b import FAMILY as GLM_130B
 from glmkit.models.config import GLMConfig, glm130b_architecture
 from glmkit.models.glm import GLM
 from glmkit.parallel.layout import merge_tensors, shard_dim
-from glmkit.text.tokenizer import VOCAB_FILE, ChatGLMTokenizer
+from glmkit.text.tokenizer import VOCAB_FILE
 
 SHARD_GLOB = "mp_rank_*_model_states.pt"
 # The official launch script's argument names, in glmkit's config terms.
@@ -147,12 +148,6 @@ def open_checkpoint(src: str | Path) -> SatCheckpoint:
     return SatCheckpoint(directory, [load_rank(path) for path in rank_files(directory)])
 
 
-def ignored(name: str) -> bool:
-    """Buffers and tables the checkpoint stores that GLM-130B does not use: the rotary inv_freq (glmkit
-    computes it) and SAT's learned position table (GLM-130B's positions are rotary only)."""
-    return name.endswith(".inv_freq") or name == "transformer.position_embeddings.weight"
-
-
 def merged_shape(name: str, parts: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """The merged parameter's shape, read from the parts' headers (nothing is merged)."""
     shape = list(parts[0].shape)
@@ -178,7 +173,7 @@ def _shape_error(name: str, actual: tuple[int, ...], expected: tuple[int, ...], 
 
 def check_against(checkpoint: SatCheckpoint, config: GLMConfig, expected: dict[str, torch.Size]) -> None:
     """Every name, layer and shape against the arguments, before anything is written."""
-    names = [n for n in checkpoint.ranks[0] if not ignored(n)]
+    names = [n for n in checkpoint.ranks[0] if not GLM_130B.ignores(n)]
     if any(n.endswith(".weight_scale") for n in names):
         raise SatCheckpointError("this is a quantized SAT checkpoint (weight_scale); convert the fp16 one, then "
                                  "quantize with `glmkit quantize`")
@@ -245,7 +240,7 @@ def convert_sat(src: str | Path, dst: str | Path, config: GLMConfig, *, dtype: s
 
 def check_tokenizer(directory: Path, config: GLMConfig) -> None:
     """The copied ice_text.model must give the model's special ids (icetk puts 20000 image ids in front)."""
-    tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+    tokenizer = GLM_130B.load_tokenizer(directory)
     pairs = {"<sop>": (tokenizer.bos_token_id, config.bos_token_id), "<eop>": (tokenizer.eos_token_id, config.eos_token_id),
              "[MASK]": (tokenizer.mask_token_id, config.mask_token_id),
              "[gMASK]": (tokenizer.gmask_token_id, config.gmask_token_id)}

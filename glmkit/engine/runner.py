@@ -11,7 +11,6 @@ import torch
 from glmkit.generation.generate import make_generator, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
-from glmkit.models.positions import position_step, sequence_layout
 
 
 class ModelRunner:
@@ -20,7 +19,7 @@ class ModelRunner:
         self.max_length = max_length
         model.setup_kv_cache(max_batch, max_length)
         device = model.device
-        planes = 2 if model.config.position_encoding_2d else 1
+        planes = model.position_layout.planes
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)  # tokens in each slot's cache
         self.last_positions = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)
         self.steps = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)  # position_step per slot
@@ -31,15 +30,15 @@ class ModelRunner:
     def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
         """Encode a prompt into `slot` and return its first new token."""
         model = self.model
-        two_d = model.config.position_encoding_2d
-        positions, blocked = sequence_layout(prompt_ids, model.special_ids, prefer_gmask=False, two_d=two_d)
+        layout = model.position_layout
+        positions, blocked = layout.sequence(prompt_ids, model.special_ids, prefer_gmask=False)
         ids = torch.tensor([prompt_ids], device=model.device)
         with model.kv_cache_rows(slot):
             out = model(ids, positions[None].to(model.device), blocked[None, None].to(model.device),
                         cache_position=0, last_only=True)
         self.lengths[slot] = len(prompt_ids)
         self.last_positions[slot] = positions[:, -1:].to(model.device)
-        self.steps[slot] = torch.tensor(position_step(prompt_ids, model.special_ids, two_d))[:, None]
+        self.steps[slot] = torch.tensor(layout.step(prompt_ids, model.special_ids))[:, None]
         self.seen[slot] = False
         self.seen[slot, ids[0]] = True
         self.generators[slot] = make_generator(params.seed, model.device)

@@ -16,12 +16,12 @@ from glmkit.eval.task_config import TaskConfig, TaskConfigError, resolve_tasks
 from glmkit.eval.task_data import TaskDataError
 from glmkit.eval.tasks import Result, evaluate_task
 from glmkit.models.glm import GLM
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 __all__ = ["Result", "TaskConfig", "TaskConfigError", "TaskDataError", "evaluate", "format_table", "resolve_tasks"]
 
 
-def evaluate(model: GLM, tokenizer: ChatGLMTokenizer | None, configs: Sequence[TaskConfig], *,
+def evaluate(model: GLM, tokenizer: Tokenizer | None, configs: Sequence[TaskConfig], *,
              batch_size: int | None = None, limit: int | None = None,
              progress: bool = True) -> tuple[list[Result], dict[str, float]]:
     """Result rows of every task, and the seconds each task took."""

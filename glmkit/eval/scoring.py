@@ -9,7 +9,7 @@ GLM-130B scores multiple choice this way (`evaluation/dataset.py`, `model.py: co
 Each block takes the positions the answer would have if it were generated alone after part A:
 under 2D positions (ChatGLM-6B) the mask's position and block positions 1, 2, ...; under 1D
 (GLM-130B) the mask's position for every token with [MASK], increasing positions with [gMASK].
-Those come from `positions.sequence_layout`, the model's own derivation, applied to part A plus
+Those come from the model's `PositionLayout`, the model's own derivation, applied to part A plus
 that one block, so a packed answer scores what it scores alone. Choices of one token share a
 single `<sop>` (the official shortcut). Rows are right-padded; real tokens never see pads.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from glmkit.models.glm import GLM
-from glmkit.models.positions import SpecialIds, sequence_layout
+from glmkit.models.positions import PositionLayout, SpecialIds
 
 
 @dataclass
@@ -57,14 +57,15 @@ def packed_length(context_length: int, answers: Sequence[Sequence[int]]) -> int:
     return context_length + sum(len(a) for a in answers)
 
 
-def pack(part_a_ids: Sequence[int], answers: Sequence[Sequence[int]], special: SpecialIds, two_d: bool) -> Packed:
+def pack(part_a_ids: Sequence[int], answers: Sequence[Sequence[int]], special: SpecialIds,
+         layout: PositionLayout) -> Packed:
     ctx = len(part_a_ids)
     single = all(len(a) == 1 for a in answers)
     blocks = [[special.bos]] if single else [[special.bos, *a[:-1]] for a in answers]
     ids, spans, parts = list(part_a_ids), [], []
     for block in blocks:
         # The layout of part A + this block alone; its block columns are this block's positions.
-        positions, _ = sequence_layout([*part_a_ids, *block], special, prefer_gmask=True, two_d=two_d)
+        positions, _ = layout.sequence([*part_a_ids, *block], special, prefer_gmask=True)
         if not parts:
             parts.append(positions[:, :ctx])
         parts.append(positions[:, ctx:])

@@ -15,20 +15,21 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from glmkit.eval.scoring import pack, part_a, score_packed
-from glmkit.generation.chat import build_prompt, process_response
+from glmkit.families import family_of
 from glmkit.generation.generate import greedy_completions
 from glmkit.models.glm import GLM
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 
-def answer_batch(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
+def answer_batch(model: GLM, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers to a batch of chat records ({prompt, history})."""
-    prompts = [tokenizer.encode(build_prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
+    fmt = family_of(model.config).chat_format
+    prompts = [tokenizer.encode(fmt.prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
     answers = greedy_completions(model, prompts, max_new_tokens, (tokenizer.eos_token_id,))
-    return [process_response(tokenizer.decode(a)) for a in answers]
+    return [fmt.parse(tokenizer.decode(a)) for a in answers]
 
 
-def generation_report(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 16,
+def generation_report(model: GLM, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int = 16,
                       max_new_tokens: int = 128, progress: bool = True) -> tuple[dict, list[str]]:
     """BLEU-4 / ROUGE-1/2/L / exact match of greedy answers against the records' responses, and the answers."""
     from glmkit.eval.metrics import generation_scores  # jieba loads its dictionary on first use
@@ -50,7 +51,7 @@ def language_of(text: str) -> str:
     return "zh" if cjk > latin else "en"
 
 
-def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict], batch_size: int = 32,
+def exact_match(model: GLM, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int = 32,
                 max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
     """Accuracy per "skill/lang" (and "all"), comparing cleaned-up answers exactly; also per phrasing
     ("by_template", for records that carry a template id), answer language, and a few samples."""
@@ -63,7 +64,7 @@ def exact_match(model: GLM, tokenizer: ChatGLMTokenizer, records: Sequence[dict]
     for start in tqdm(range(0, len(ordered), batch_size), desc="evaluating", disable=not progress):
         batch = ordered[start:start + batch_size]
         for record, answer in zip(batch, answer_batch(model, tokenizer, batch, max_new_tokens), strict=True):
-            ok = answer == process_response(record["response"])
+            ok = answer == family_of(model.config).chat_format.parse(record["response"])
             for key in (f"{record['skill']}/{record['lang']}", "all"):
                 hits[key][0] += ok
                 hits[key][1] += 1
@@ -100,17 +101,17 @@ def skill_rows(report: dict) -> dict[str, dict]:
     return {k: v for k, v in report.items() if k not in ("samples", "answer_language_match", "by_template")}
 
 
-def perplexity(model: GLM, tokenizer: ChatGLMTokenizer, texts: Sequence[str], max_tokens: int = 256,
+def perplexity(model: GLM, tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int = 256,
                batch_size: int = 16) -> float:
     """exp(mean NLL) of each text's second half given its first half, scored as `glmkit eval` scores answers."""
-    special, two_d = model.special_ids, model.config.position_encoding_2d
+    special, layout = model.special_ids, model.position_layout
     max_tokens = min(max_tokens, model.config.max_sequence_length - 2)  # room for [gMASK] and <sop>
     rows = []
     for text in texts:
         tokens = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
         if len(tokens) >= 4:
             cut = len(tokens) // 2
-            rows.append(pack(part_a(tokens[:cut], special, gmask=True), [tokens[cut:]], special, two_d))
+            rows.append(pack(part_a(tokens[:cut], special, gmask=True), [tokens[cut:]], special, layout))
     if not rows:
         raise ValueError("no text long enough to measure perplexity")
     scores = [row[0] for start in range(0, len(rows), batch_size)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 LETTERS = "ABCD"
 
@@ -60,7 +60,7 @@ class Document:
 class Reader:
     """Turns records into items; `where` ("file:line") prefixes every error."""
 
-    def __init__(self, tokenizer: ChatGLMTokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
 
     def encode(self, text: str, where: str) -> list[int]:

@@ -33,7 +33,7 @@ from glmkit.eval.task_data import (
 )
 from glmkit.generation.generate import greedy_completions
 from glmkit.models.glm import GLM
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.protocol import Tokenizer
 
 Tally = Counter  # metric sums and counts, added up across files and groups
 T = TypeVar("T")
@@ -53,7 +53,7 @@ class Run:
     """What the runners share: the model, its context budget, batching and the progress bar."""
 
     model: GLM
-    tokenizer: ChatGLMTokenizer | None
+    tokenizer: Tokenizer | None
     config: TaskConfig
     batch_size: int
     max_length: int
@@ -70,7 +70,7 @@ class Run:
                 raise TaskDataError(f"{where}: the answers take {need} tokens with the mask, more than the "
                                     f"{self.max_length}-token context; shorten them or raise max-seq-length")
             ids = ids[excess:]
-        return pack(ids, answers, special, self.model.config.position_encoding_2d)
+        return pack(ids, answers, special, self.model.position_layout)
 
     def batches(self, items: Sequence[T], size: Callable[[T], int], desc: str):
         """(indices, items) batches, longest first so padding stays small; a progress bar over them."""
@@ -208,7 +208,7 @@ def _some(items: list[T], limit: int | None, path: Path) -> list[T]:
     return items[:limit]
 
 
-def evaluate_task(model: GLM, tokenizer: ChatGLMTokenizer | None, config: TaskConfig, *,
+def evaluate_task(model: GLM, tokenizer: Tokenizer | None, config: TaskConfig, *,
                   batch_size: int | None = None, limit: int | None = None, progress: bool = True) -> list[Result]:
     """Result rows per group (and an "all" row pooling them when there are several)."""
     context = model.config.max_sequence_length

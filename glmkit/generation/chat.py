@@ -1,73 +1,31 @@
-"""ChatGLM-6B's conversation format and its text-level generation (streaming, stop strings).
+"""Chat on top of generation: the model family's chat format, sampled answers, streamed as settled text.
 
-The prompt format and the response clean-up are the official ones, so a model fine-tuned with the
-official scripts answers here as it does there:
-
-    [Round 0]\\n问：{q0}\\n答：{r0}\\n[Round 1]\\n问：{query}\\n答：      (the first turn is the bare query)
+The official `chat`/`stream_chat` signatures and defaults, so code written for ChatGLM-6B runs as it is.
+The format itself (prompt, system text, reply clean-up, end tokens) is the family's `ChatFormat`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from glmkit.families import family_of
 from glmkit.generation.beam import beam_search
 from glmkit.generation.generate import end_tokens, stream_tokens
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+from glmkit.text.chat_format import ChatFormat
+from glmkit.text.protocol import Tokenizer
+from glmkit.text.streaming import TextStream
 
 History = list[tuple[str, str]]
 
 # The official chat() defaults; top_k 50 is Hugging Face generate's silent default, which applies too.
 CHAT_DEFAULTS: dict[str, Any] = dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
 
-_CJK = "\u4e00-\u9fff"
-_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
 
-
-class Tokenizer(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
-    def convert_tokens_to_ids(self, token: str) -> int: ...
-
-    @property
-    def eos_token_id(self) -> int: ...
-
-
-def build_prompt(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
-    if not history:
-        return query
-    rounds = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return f"{rounds}[Round {len(history)}]\n问：{query}\n答："
-
-
-def with_system(system: str, first_query: str) -> str:
-    """ChatGLM-6B has no system role: system text goes in front of the first user message (the one
-    rule for the OpenAI server and for fine-tuning data, so a model is served as it was trained)."""
-    return f"{system}\n\n{first_query}" if system else first_query
-
-
-def process_response(text: str) -> str:
-    """The official clean-up: the tokenizer normalises full-width punctuation to ASCII, so the model
-    writes ASCII; put it back to full width where it touches a Chinese character."""
-    text = text.strip().replace("[[训练时间]]", "2023年")
-    for ascii_mark, full in _FULL_WIDTH.items():
-        mark = re.escape(ascii_mark)
-        text = re.sub(rf"([{_CJK}]){mark}", rf"\1{full}", text)
-        text = re.sub(rf"{mark}([{_CJK}])", rf"{full}\1", text)
-    return text
-
-
-def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """(text safe to show, whether a stop string ended it).
-
-    A tail that could still grow into a stop string is withheld, so streamed text is never retracted."""
-    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    if cuts:
-        return text[: min(cuts)], True
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold], False
+def chat_format(model: GLM) -> ChatFormat:
+    return family_of(model.config).chat_format
 
 
 def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
@@ -79,31 +37,26 @@ def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], par
         return
     eos = set(end_tokens(model, params))
     new: list[int] = []
-    shown = ""
+    stream = TextStream(params.stop)
     for tokens in stream_tokens(model, [prompt_ids], params):
         token = int(tokens[0])
         if token in eos:
             break
         new.append(token)
-        text, stopped = held_back(tokenizer.decode(new), params.stop)
-        if stopped:
-            yield text
-            return
-        # A character split across byte-fallback tokens decodes to U+FFFD until its last byte arrives.
-        if text != shown and not text.endswith("\ufffd"):
-            shown = text
-            yield text
-    final = tokenizer.decode(new)
-    if final != shown:
-        yield final
+        if stream.update(tokenizer.decode(new)):
+            yield stream.shown
+        if stream.stopped:
+            break
+    if stream.finish(tokenizer.decode(new)):
+        yield stream.shown
 
 
 def beam_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> str:
     """The best beam's text, cut before the first stop string."""
     eos = set(end_tokens(model, params))
-    text = tokenizer.decode([t for t in beam_search(model, prompt_ids, params)[0].tokens if t not in eos])
-    cut, stopped = held_back(text, params.stop)
-    return cut if stopped else text
+    stream = TextStream(params.stop)
+    stream.finish(tokenizer.decode([t for t in beam_search(model, prompt_ids, params)[0].tokens if t not in eos]))
+    return stream.final
 
 
 def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: Any) -> SamplingParams:
@@ -112,7 +65,7 @@ def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: 
     kwargs.pop("logits_processor", None)  # the official API passes one; its rule is built in
     defaults = {**CHAT_DEFAULTS, "do_sample": False} if num_beams > 1 else CHAT_DEFAULTS
     options = {**defaults, **kwargs, "num_beams": num_beams}
-    return SamplingParams.for_tokenizer(tokenizer, **options)
+    return SamplingParams(**chat_format(model).sampling_ids(tokenizer), **options)
 
 
 def stream_chat(
@@ -121,9 +74,10 @@ def stream_chat(
     """Yield (response so far, history including this turn), as the official stream_chat does."""
     history = list(history or [])
     params = chat_params(model, tokenizer, **kwargs)
-    prompt_ids = tokenizer.encode(build_prompt(query, history))
+    fmt = chat_format(model)
+    prompt_ids = tokenizer.encode(fmt.prompt(query, history))
     for text in stream_text(model, tokenizer, prompt_ids, params):
-        response = process_response(text)
+        response = fmt.parse(text)
         yield response, history + [(query, response)]
 
 

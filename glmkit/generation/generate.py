@@ -16,7 +16,7 @@ import torch
 
 from glmkit.generation.sampling import SamplingParams  # still importable from here too
 from glmkit.models.glm import GLM
-from glmkit.models.positions import padded_layout, position_step
+from glmkit.models.positions import padded_layout
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -122,14 +122,14 @@ def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int,
     """Encode the left-padded prompts into a fresh KV cache; return the last position's logits [B, V].
 
     `cache_rows` (default: one per prompt) leaves room for beams, which fork from the prompt's row."""
-    two_d = model.config.position_encoding_2d
-    batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, two_d=two_d).items()}
+    layout = model.position_layout
+    batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, layout=layout).items()}
     model.setup_kv_cache(cache_rows or len(sequences), total_slots)
     out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], cache_position=0, last_only=True)
     pad_slots = batch["input_ids"].new_zeros(batch["input_ids"].shape, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         pad_slots[row, : batch["input_ids"].shape[1] - len(seq)] = True
-    step = torch.tensor([position_step(s, model.special_ids, two_d) for s in sequences], device=model.device)
+    step = torch.tensor([layout.step(s, model.special_ids) for s in sequences], device=model.device)
     state = DecodeState(batch["input_ids"].shape[1], batch["position_ids"][:, :, -1:], pad_slots, step[..., None])
     return out.logits[:, -1].float(), state
 

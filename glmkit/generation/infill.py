@@ -31,7 +31,6 @@ from glmkit.generation.chat import Tokenizer
 from glmkit.generation.generate import ban_tokens, make_generator, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
-from glmkit.models.positions import positions_1d, positions_2d
 
 BLANK = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
 
@@ -81,11 +80,9 @@ class Infill:
     def layout(self, blank: int, length: int) -> torch.Tensor:
         """[P, n + length]: positions of Part A followed by `length` tokens of the block for the blank at
         index `blank`, as glmkit.models.positions lays out a prompt whose only blank is that one."""
-        n = len(self.part_a)
-        if self.model.config.position_encoding_2d:
-            return positions_2d(n + length, n, blank).to(self.model.device)
-        frozen_at = None if self.part_a[blank] == self.ids.gmask else blank
-        return positions_1d(n + length, n, frozen_at).to(self.model.device)
+        to_end = self.part_a[blank] == self.ids.gmask
+        positions = self.model.position_layout.blank_positions(len(self.part_a), length, blank, to_end)
+        return positions.to(self.model.device)
 
     def context_positions(self) -> torch.Tensor:
         """[1, P, n]: Part A counts 0..n-1 (block position 0 under 2D)."""

@@ -4,16 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-
-class EndIds(Protocol):
-    """The part of a tokenizer that SamplingParams.for_tokenizer reads."""
-
-    @property
-    def eos_token_id(self) -> int: ...
-
-    def convert_tokens_to_ids(self, token: str) -> int: ...
 
 
 @dataclass
@@ -85,13 +75,3 @@ class SamplingParams:
         if self.max_new_tokens is not None:
             budget = min(budget, self.max_new_tokens)
         return budget
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: EndIds, **options: Any) -> SamplingParams:
-        """`options` ending at the tokenizer's end token, with the official chat()'s guard against NaN/Inf
-        scores (they become a huge score for "▁")."""
-        return cls(
-            eos_token_ids=(tokenizer.eos_token_id,),
-            invalid_score_token_id=tokenizer.convert_tokens_to_ids("▁"),
-            **options,
-        )

@@ -87,6 +87,11 @@ class GLMConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def position_layout(self) -> str:
+        """The name of the model's position layout (glmkit.models.positions.LAYOUTS)."""
+        return "2d-prefix-lm" if self.position_encoding_2d else "1d-prefix-lm"
+
     def validate(self) -> None:
         """Fail at load time, naming the field, rather than deep inside a matmul."""
         if self.hidden_size % self.num_attention_heads:
@@ -113,7 +118,7 @@ class GLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
-        _reject_other_generations(data)
+        """glmkit's config from its own keys (a family's config.json goes through glmkit.families first)."""
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k != "extra"}
@@ -139,11 +144,7 @@ class GLMConfig:
     def from_json_file(cls, path: str | Path) -> GLMConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original download") from e
-        try:
-            return cls.from_dict(data)
+            return cls.from_dict(read_json(path))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 
@@ -152,14 +153,12 @@ class GLMConfig:
         (Path(directory) / "config.json").write_text(text, encoding="utf-8")
 
 
-def _reject_other_generations(data: dict[str, Any]) -> None:
-    if "padded_vocab_size" in data or "multi_query_group_num" in data:
-        raise ConfigError(
-            "this is a ChatGLM2/ChatGLM3/GLM-4 config (padded_vocab_size / multi_query_group_num); "
-            "glmkit loads the ChatGLM-6B (v1) format so far"
-        )
-    if data.get("model_type", "chatglm") != "chatglm":
-        raise ConfigError(f"model_type {data['model_type']!r} is not 'chatglm'")
+def read_json(path: Path) -> Any:
+    """A config file's JSON, or a ConfigError that says how to repair it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original download") from e
 
 
 def glm130b_architecture(num_layers: int, **sizes: Any) -> dict[str, Any]:

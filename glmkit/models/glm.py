@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.models.config import GLMConfig
-from glmkit.models.positions import SpecialIds, model_layout
+from glmkit.models.positions import LAYOUTS, PositionLayout, SpecialIds, model_layout
 
 # Where new tokens go in the KV cache: one offset for the whole batch, or one per row (decoding
 # requests of different lengths together), or None without a cache.
@@ -353,6 +353,11 @@ class GLM(nn.Module):
         return SpecialIds(bos=c.bos_token_id, mask=c.mask_token_id, gmask=c.gmask_token_id, pad=c.pad_token_id)
 
     @property
+    def position_layout(self) -> PositionLayout:
+        """How this model's family derives positions and masks from token ids."""
+        return LAYOUTS[self.config.position_layout]
+
+    @property
     def device(self) -> torch.device:
         return self.transformer.word_embeddings.weight.device
 
@@ -376,7 +381,7 @@ class GLM(nn.Module):
         if position_ids is None:
             if cache_position:
                 raise ValueError("position_ids are required when continuing from a KV cache")
-            position_ids, derived_mask = model_layout(input_ids, self.special_ids, self.config.position_encoding_2d)
+            position_ids, derived_mask = model_layout(input_ids, self.special_ids, self.position_layout)
             attention_mask = derived_mask if attention_mask is None else attention_mask
         start = int(cache_position.max()) if isinstance(cache_position, torch.Tensor) else cache_position or 0
         self.check_length(start, input_ids.shape[1])

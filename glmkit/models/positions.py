@@ -14,6 +14,7 @@ The official code builds these in two places that disagree on padding (see the s
     tokens' positions restart at 0, and `[MASK]` wins over `[gMASK]`.
 Batched generation uses the tokenizer's path so that a padded prompt behaves like the prompt alone.
 
+Each of these is a `PositionLayout` (2D prefix-LM, 1D prefix-LM, causal), chosen by the model family.
 Masks here use the official convention: a bool tensor where True means *blocked*.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -89,14 +91,6 @@ def positions_1d(length: int, ctx: int, frozen_at: int | None) -> torch.Tensor:
     return position.unsqueeze(0)
 
 
-def position_step(ids: Sequence[int], special: SpecialIds, two_d: bool) -> list[int]:
-    """How each position plane moves per generated token: 2D counts the block position; 1D counts the
-    position unless a `[MASK]` froze it."""
-    if two_d:
-        return [0, 1]
-    return [0 if frozen_position_1d(ids, special) is not None else 1]
-
-
 def blocked_mask(length: int, ctx: int) -> torch.Tensor:
     """[length, length] bool, True = blocked: causal, with every column before `<sop>` open."""
     allowed = torch.ones(length, length).tril_().bool()
@@ -104,34 +98,108 @@ def blocked_mask(length: int, ctx: int) -> torch.Tensor:
     return ~allowed
 
 
-def sequence_layout(
-    ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool, two_d: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids [P, L], blocked [L, L]) for one unpadded sequence.
+class PositionLayout(Protocol):
+    """How a family turns token ids into position ids and an attention mask: the one choice that differs
+    between GLM generations, so callers ask the model's layout instead of branching on the family."""
 
-    1D (GLM-130B) follows its `generate.py` whatever `prefer_gmask` says: the context runs up to the
-    last `<sop>`, and `[MASK]` wins over `[gMASK]`."""
-    if two_d:
+    name: str
+    planes: int  # position channels per token: 2 for ChatGLM-6B's 2D positions, else 1
+
+    def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids [planes, L], blocked [L, L]) for one unpadded sequence."""
+        ...
+
+    def step(self, ids: Sequence[int], special: SpecialIds) -> list[int]:
+        """How much each position plane moves per generated token after the prompt `ids`."""
+        ...
+
+    def blank_positions(self, context: int, length: int, blank: int, to_end: bool) -> torch.Tensor:
+        """[planes, context + length]: a context of `context` tokens, then `length` tokens of the answer block
+        for the blank at index `blank` (`to_end`: a `[gMASK]`, which generates to the end)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PrefixLM2D:
+    """ChatGLM-6B: bidirectional up to `<sop>`, then causal; generated tokens keep the mask's position and
+    count up in the second (block) plane."""
+
+    name: str = "2d-prefix-lm"
+    planes: int = 2
+
+    def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = context_length(ids, special)
-        positions = positions_2d(len(ids), ctx, mask_position(ids, special, prefer_gmask))
-    else:
+        return positions_2d(len(ids), ctx, mask_position(ids, special, prefer_gmask)), blocked_mask(len(ids), ctx)
+
+    def step(self, ids: Sequence[int], special: SpecialIds) -> list[int]:
+        return [0, 1]
+
+    def blank_positions(self, context: int, length: int, blank: int, to_end: bool) -> torch.Tensor:
+        return positions_2d(context + length, context, blank)
+
+
+@dataclass(frozen=True)
+class PrefixLM1D:
+    """GLM-130B (its `generate.py`, whatever `prefer_gmask` says): the context runs up to the last `<sop>`,
+    `[MASK]` wins over `[gMASK]` and freezes the positions of what follows; after `[gMASK]` they count on."""
+
+    name: str = "1d-prefix-lm"
+    planes: int = 1
+
+    def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = context_length(ids, special, last=True)
-        positions = positions_1d(len(ids), ctx, frozen_position_1d(ids, special))
-    return positions, blocked_mask(len(ids), ctx)
+        return positions_1d(len(ids), ctx, frozen_position_1d(ids, special)), blocked_mask(len(ids), ctx)
+
+    def step(self, ids: Sequence[int], special: SpecialIds) -> list[int]:
+        return [0 if frozen_position_1d(ids, special) is not None else 1]
+
+    def blank_positions(self, context: int, length: int, blank: int, to_end: bool) -> torch.Tensor:
+        return positions_1d(context + length, context, None if to_end else blank)
 
 
-def model_layout(input_ids: torch.Tensor, special: SpecialIds, two_d: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Causal:
+    """Plain causal attention with positions 0, 1, 2, ... (ChatGLM2/3 and GLM-4): no special token shapes it."""
+
+    name: str = "causal"
+    planes: int = 1
+
+    def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        length = len(ids)
+        return torch.arange(length).unsqueeze(0), blocked_mask(length, 0)
+
+    def step(self, ids: Sequence[int], special: SpecialIds) -> list[int]:
+        return [1]
+
+    def blank_positions(self, context: int, length: int, blank: int, to_end: bool) -> torch.Tensor:
+        raise ValueError("a causal model has no blanks to fill: blank infilling needs a GLM prefix-LM "
+                         "(ChatGLM-6B or GLM-130B)")
+
+
+PREFIX_LM_2D, PREFIX_LM_1D, CAUSAL = PrefixLM2D(), PrefixLM1D(), Causal()
+LAYOUTS: dict[str, PositionLayout] = {layout.name: layout for layout in (PREFIX_LM_2D, PREFIX_LM_1D, CAUSAL)}
+
+
+def sequence_layout(ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool,
+                    layout: PositionLayout = PREFIX_LM_2D) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids [P, L], blocked [L, L]) for one unpadded sequence, by `layout`."""
+    return layout.sequence(ids, special, prefer_gmask=prefer_gmask)
+
+
+def model_layout(input_ids: torch.Tensor, special: SpecialIds,
+                 layout: PositionLayout = PREFIX_LM_2D) -> tuple[torch.Tensor, torch.Tensor]:
     """The official model's own derivation: (position_ids [B, P, L], attention_mask [B, 1, L, L]).
 
     Pads are treated as ordinary context tokens, exactly as the official code does."""
-    layouts = [sequence_layout(row.tolist(), special, prefer_gmask=True, two_d=two_d) for row in input_ids]
+    layouts = [layout.sequence(row.tolist(), special, prefer_gmask=True) for row in input_ids]
     positions = torch.stack([p for p, _ in layouts]).to(input_ids.device)
     mask = torch.stack([m for _, m in layouts]).unsqueeze(1).to(input_ids.device)
     return positions, mask
 
 
 def padded_layout(
-    sequences: Sequence[Sequence[int]], special: SpecialIds, length: int | None = None, two_d: bool = True
+    sequences: Sequence[Sequence[int]], special: SpecialIds, length: int | None = None,
+    layout: PositionLayout = PREFIX_LM_2D,
 ) -> dict[str, torch.Tensor]:
     """Left-pad `sequences` the way the official tokenizer does.
 
@@ -143,7 +211,7 @@ def padded_layout(
         if len(seq) > length:
             raise ValueError(f"a sequence of {len(seq)} tokens does not fit the padded length {length}")
         n_pad = length - len(seq)
-        positions, blocked = sequence_layout(seq, special, prefer_gmask=False, two_d=two_d)
+        positions, blocked = layout.sequence(seq, special, prefer_gmask=False)
         mask = torch.ones(length, length, dtype=torch.bool)
         mask[n_pad:, n_pad:] = blocked
         batch_ids.append(torch.tensor([special.pad] * n_pad + list(seq), dtype=torch.long))

@@ -19,12 +19,16 @@ from collections.abc import Sequence
 
 import torch
 
+from glmkit.models import names
 from glmkit.models.config import GLMConfig
+from glmkit.models.names import BLOCK_LINEARS
 
-COLUMN_PARALLEL = ("attention.query_key_value.weight", "attention.query_key_value.bias", "mlp.dense_h_to_4h.weight",
-                   "mlp.dense_h_to_4h.bias", "word_embeddings.weight", "lm_head.weight")
-ROW_PARALLEL = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
-REPLICATED = ("layernorm.weight", "layernorm.bias", "attention.dense.bias", "mlp.dense_4h_to_h.bias")
+_COLUMN = [linear.path for linear in BLOCK_LINEARS if linear.split == "column"]
+_ROW = [linear.path for linear in BLOCK_LINEARS if linear.split == "row"]
+COLUMN_PARALLEL = (*(f"{path}.{p}" for path in _COLUMN for p in ("weight", "bias")),
+                   f"{names.EMBEDDING.rpartition('.')[2]}.weight", f"{names.OUTPUT}.weight")
+ROW_PARALLEL = tuple(f"{path}.weight" for path in _ROW)
+REPLICATED = (f"{names.NORM}.weight", f"{names.NORM}.bias", *(f"{path}.bias" for path in _ROW))
 
 
 def shard_dim(name: str) -> int | None:
@@ -49,15 +53,14 @@ def _check_divisible(name: str, size: int, world: int, what: str) -> None:
 
 def _units(name: str, config: GLMConfig) -> tuple[int, str]:
     """The count that must divide evenly along the sharded dim, and what it is called in errors."""
-    if "query_key_value" in name or name.endswith("attention.dense.weight"):
-        return config.num_attention_heads, "num_attention_heads"
-    if "dense_h_to_4h" in name or "dense_4h_to_h" in name:
-        return config.inner_hidden_size, "inner_hidden_size"
+    linear = names.block_linear(name)
+    if linear is not None:
+        return getattr(config, linear.units), linear.units
     return config.vocab_size, "vocab_size (pad the vocabulary to a multiple)"
 
 
 def _geglu_halves(name: str, config: GLMConfig) -> bool:
-    return config.mlp_type == "geglu" and "dense_h_to_4h" in name
+    return config.mlp_type == "geglu" and names.block_linear(name) == names.MLP_UP
 
 
 def split_tensor(name: str, tensor: torch.Tensor, rank: int, world: int, config: GLMConfig) -> torch.Tensor:

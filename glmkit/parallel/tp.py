@@ -110,8 +110,6 @@ def fail(error: BaseException) -> None:
 
 def check_divisible(config, world_size: int) -> None:
     """Heads, MLP width and vocabulary must split evenly; say which one does not."""
-    if "multi_query_group_num" in getattr(config, "extra", {}):
-        raise TPError("grouped-query attention (ChatGLM2/3) is not supported by glmkit, so it cannot be sharded")
     sizes = {"num_attention_heads": config.num_attention_heads, "inner_hidden_size": config.inner_hidden_size,
              "vocab_size": config.vocab_size}
     for name, size in sizes.items():

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.models.modules import replace_module
+from glmkit.models.names import BLOCK_LINEARS, in_block
 from glmkit.quant import kernels
 
-QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+QUANTIZED_LINEARS = tuple(linear.attr for linear in BLOCK_LINEARS)
 BITS = (4, 8)
 DEFAULT_INT4_GROUP = 128
 # With fp32 activations the CPU kernels are slow for prompts, and unpacking the weight once for one
@@ -360,7 +361,7 @@ def quantized_embedding_layout(model: nn.Module, dtype: torch.dtype, bits: int =
 def block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, module) for every quantizable linear inside the blocks."""
     for name, module in list(model.named_modules()):
-        if ".layers." not in f".{name}." and not name.startswith("layers."):
+        if not in_block(name):
             continue
         for attr in QUANTIZED_LINEARS:
             child = getattr(module, attr, None)

@@ -12,18 +12,21 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from glmkit.engine import Engine, QueueFull
 from glmkit.engine.async_engine import AsyncEngine
 from glmkit.engine.protocol import EngineClient
+from glmkit.families import family_of
 from glmkit.models.glm import GLM
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.chat_format import ChatFormat
+from glmkit.text.protocol import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def create_app(model: GLM, tokenizer: ChatGLMTokenizer, model_name: str, *, api_key: str | None = None,
+def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, cors_origins: list[str] | None = None) -> FastAPI:
     """The app over a new batching engine for `model`."""
-    return build_app(start_engine(model, max_batch, max_queue), tokenizer, model_name,
+    engine = start_engine(model, max_batch, max_queue)
+    return build_app(engine, tokenizer, family_of(model.config).chat_format, model_name,
                      model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins)
 
 
@@ -32,10 +35,10 @@ def start_engine(model: GLM, max_batch: int, max_queue: int) -> EngineClient:
     return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue))
 
 
-def build_app(engine: EngineClient, tokenizer: ChatGLMTokenizer, model_name: str, context: int, *,
+def build_app(engine: EngineClient, tokenizer: Tokenizer, chat_format: ChatFormat, model_name: str, context: int, *,
               api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
     """The routes over any engine client; `context` is the model's max_sequence_length."""
-    serving = Serving(engine, tokenizer, model_name, context)
+    serving = Serving(engine, tokenizer, chat_format, model_name, context)
     app = FastAPI(title="glmkit", description="OpenAI-compatible and ChatGLM APIs for GLM models")
     app.state.serving = serving
     if cors_origins:

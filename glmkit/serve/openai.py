@@ -1,7 +1,7 @@
 """The OpenAI-compatible and legacy ChatGLM APIs: requests in, engine calls, responses out.
 
 No tensors here: prompts become token ids through the tokenizer, the AsyncEngine produces token ids,
-and this module turns them back into text, applying stop strings and ChatGLM's response clean-up.
+and this module turns them back into text, applying stop strings and the chat format's reply clean-up.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from glmkit.engine.protocol import EngineClient
-from glmkit.generation.chat import build_prompt, held_back, process_response, with_system
 from glmkit.generation.sampling import SamplingParams
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.chat_format import ChatFormat, ChatFormatError
+from glmkit.text.protocol import Tokenizer
+from glmkit.text.streaming import TextStream
 
 
 class APIError(Exception):
@@ -55,8 +56,10 @@ class Completion:
 
 
 class Serving:
-    def __init__(self, engine: EngineClient, tokenizer: ChatGLMTokenizer, model_name: str, context: int) -> None:
+    def __init__(self, engine: EngineClient, tokenizer: Tokenizer, chat_format: ChatFormat, model_name: str,
+                 context: int) -> None:
         self.engine, self.tokenizer, self.model_name, self.context = engine, tokenizer, model_name, context
+        self.chat_format = chat_format
         self.metrics = Metrics()
 
     # ----- shared steps
@@ -79,17 +82,20 @@ class Serving:
 
     def params(self, request: SamplingFields, choice: int = 0) -> SamplingParams:
         """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
-        return SamplingParams.for_tokenizer(
-            self.tokenizer, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+        return SamplingParams(
+            max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
             temperature=request.temperature or 1.0, top_p=request.top_p,
             seed=None if request.seed is None else request.seed + choice,
+            **self.chat_format.sampling_ids(self.tokenizer),
         )
 
     async def stream(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...],
                      clean: bool) -> AsyncIterator[tuple[str, Completion | None]]:
         """Yield (new text, None) as it settles, then ("", the whole completion) at the end."""
         new: list[int] = []
-        shown, finish = "", "length"
+        finish = "length"
+        # The clean-up may still change the last character (punctuation beside a CJK character).
+        text = TextStream(stop, self.chat_format.parse, hold_last=True) if clean else TextStream(stop)
         started = time.perf_counter()
         # aclosing: leaving early (a stop string, a client gone) closes the engine's iterator, which aborts
         # the request and frees its batch slot at once.
@@ -101,25 +107,18 @@ class Serving:
                     finish = "stop"
                     break
                 new.append(output.token_id)
-                text, stopped = held_back(self.tokenizer.decode(new), stop)
-                text = process_response(text) if clean else text
-                # The clean-up may still change the last character (punctuation beside a CJK character).
-                settled = text[:-1] if clean and not stopped else text
-                if settled.startswith(shown) and not settled.endswith("\ufffd") and len(settled) > len(shown):
-                    yield settled[len(shown):], None
-                    shown = settled
-                if stopped:
+                if delta := text.update(self.tokenizer.decode(new)):
+                    yield delta, None
+                if text.stopped:
                     finish = "stop"
                     break
-        text, _ = held_back(self.tokenizer.decode(new), stop)
-        text = process_response(text) if clean else text
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown):], None
+        if delta := text.finish(self.tokenizer.decode(new)):
+            yield delta, None
         self.metrics.prompt_tokens += len(ids)
         self.metrics.completion_tokens += len(new)
         self.metrics.latency_sum += time.perf_counter() - started
         self.metrics.latency_count += 1
-        yield "", Completion(text, len(ids), len(new), finish)
+        yield "", Completion(text.final, len(ids), len(new), finish)
 
     async def complete(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...], clean: bool) -> Completion:
         async for _, done in self.stream(ids, params, stop, clean):
@@ -130,21 +129,10 @@ class Serving:
     # ----- endpoints
 
     def chat_prompt(self, messages: list[Message]) -> str:
-        """ChatGLM-6B has no system role: system text is put before the first user message."""
-        system = "\n".join(m.content for m in messages if m.role == "system")
-        turns = [m for m in messages if m.role != "system"]
-        if not turns or turns[-1].role != "user":
-            raise APIError(400, "the last message must come from the user", param="messages")
-        expected = ["user", "assistant"] * len(turns)
-        if [m.role for m in turns] != expected[: len(turns)]:
-            raise APIError(400, "messages must alternate user, assistant, user, ... (after any system messages)",
-                           param="messages")
-        if not turns[-1].content.strip():
-            raise APIError(400, "the last user message is empty", param="messages")
-        contents = [m.content for m in turns]
-        contents[0] = with_system(system, contents[0])
-        history = list(zip(contents[0:-1:2], contents[1:-1:2], strict=True))
-        return build_prompt(contents[-1], history)
+        try:
+            return self.chat_format.render([{"role": m.role, "content": m.content} for m in messages])
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from e
 
     async def chat_completion(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         self.check_model(request.model)
@@ -195,13 +183,13 @@ class Serving:
 
     async def legacy(self, request: LegacyRequest) -> dict:
         """ChatGLM-6B's api.py: POST / {prompt, history, max_length, top_p, temperature}."""
-        ids = self.encode(build_prompt(request.prompt, request.history), None)
+        ids = self.encode(self.chat_format.prompt(request.prompt, request.history), None)
         if len(ids) >= request.max_length:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room under "
                                 f"max_length={request.max_length}", param="max_length")
-        params = SamplingParams.for_tokenizer(self.tokenizer, max_length=request.max_length,
-                                              do_sample=request.temperature > 0, temperature=request.temperature or 1.0,
-                                              top_p=request.top_p, top_k=50)
+        params = SamplingParams(max_length=request.max_length, do_sample=request.temperature > 0,
+                                temperature=request.temperature or 1.0, top_p=request.top_p, top_k=50,
+                                **self.chat_format.sampling_ids(self.tokenizer))
         done = await self.complete(ids, params, (), clean=True)
         history = [*[list(turn) for turn in request.history], [request.prompt, done.text]]
         return {"response": done.text, "history": history, "status": 200,

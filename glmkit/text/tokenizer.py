@@ -31,6 +31,7 @@ from glmkit.models.positions import SpecialIds, padded_layout
 
 VOCAB_FILE = "ice_text.model"
 CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = (VOCAB_FILE, CONFIG_FILE)  # what a model directory holds of its tokenizer
 MODEL_CONFIG_FILE = "config.json"
 MAX_BLANK_LENGTH = 80
 NEWLINE_PIECE = "<n>"

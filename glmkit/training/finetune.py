@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from glmkit.generation.chat import build_prompt, with_system
+from glmkit.families import family_of
 from glmkit.models.glm import GLM
 from glmkit.peft.adapters import LoraConfig, add_lora, add_prefix, save_adapter
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
+from glmkit.text.protocol import Tokenizer
 from glmkit.training.loop import Batches, TrainConfig, sft_batches, train
 from glmkit.training.objectives import Example, Specials, chat_example
 
@@ -114,7 +115,7 @@ def _from_messages(messages: object) -> list[dict]:
         if role == "user":
             if query is not None:
                 raise DataError("two user messages in a row; each user message needs an assistant answer")
-            query = content if history else with_system(system, content)
+            query = content if history else CHATGLM_6B.with_system(system, content)
         else:
             if query is None:
                 raise DataError("an assistant message without a user message before it")
@@ -126,13 +127,13 @@ def _from_messages(messages: object) -> list[dict]:
     return records
 
 
-def chat_examples(records: Sequence[dict], tokenizer: ChatGLMTokenizer, max_source_length: int,
-                  max_target_length: int) -> list[Example]:
+def chat_examples(records: Sequence[dict], tokenizer: Tokenizer, max_source_length: int,
+                  max_target_length: int, chat_format: ChatFormat = CHATGLM_6B) -> list[Example]:
     """Encoded examples; overlong prompts keep their end, overlong answers their start (warned once)."""
     specials = Specials(ids=tokenizer.special_ids, eop=tokenizer.eos_token_id)
     examples, long_prompts, long_answers = [], 0, 0
     for r in records:
-        prompt_ids = tokenizer.encode(build_prompt(r["prompt"], [tuple(t) for t in r["history"]]))
+        prompt_ids = tokenizer.encode(chat_format.prompt(r["prompt"], [tuple(t) for t in r["history"]]))
         answer_ids = tokenizer.encode(r["response"], add_special_tokens=False)
         if len(prompt_ids) > max_source_length:  # keep [gMASK] <sop> and the most recent text
             long_prompts += 1
@@ -184,18 +185,19 @@ def check_fits(model: GLM, config: FinetuneConfig) -> None:
                          f"{model.config.max_sequence_length}; lower them")
 
 
-def finetune(model: GLM, tokenizer: ChatGLMTokenizer, train_records: Sequence[dict], out_dir: Path,
+def finetune(model: GLM, tokenizer: Tokenizer, train_records: Sequence[dict], out_dir: Path,
              config: FinetuneConfig, eval_records: Sequence[dict] | None = None, progress: bool = True,
              stop_after: int | None = None) -> dict:
     """Train in place (resuming from out_dir's checkpoint), then write the result to out_dir:
     the adapter alone (LoRA, P-Tuning) or the whole model (full). Returns the final metrics."""
     check_fits(model, config)
     prepare(model, config)
-    examples = chat_examples(train_records, tokenizer, config.max_source_length, config.max_target_length)
+    fmt = family_of(model.config).chat_format
+    examples = chat_examples(train_records, tokenizer, config.max_source_length, config.max_target_length, fmt)
     held: Batches | None = None
     if eval_records:
         held = sft_batches(chat_examples(eval_records, tokenizer, config.max_source_length,
-                                         config.max_target_length), config.train)
+                                         config.max_target_length, fmt), config.train)
     metrics = train(model, sft_batches(examples, config.train), config.train, out_dir, held, progress=progress,
                     trainable=trainable(config.method), stop_after=stop_after)
     if stop_after is not None and metrics["step"] < config.train.steps:

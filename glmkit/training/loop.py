@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from glmkit.generation.chat import build_prompt
 from glmkit.models.glm import GLM
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
+from glmkit.text.protocol import Tokenizer
 from glmkit.training.objectives import IGNORE, Example, Specials, chat_example, collate, infilling_example
 
 CHECKPOINT = "checkpoint.pt"
@@ -94,12 +94,13 @@ def pretrain_batches(token_docs: Sequence[Sequence[int]], specials: Specials, co
     return Batches(make)
 
 
-def sft_examples(records: Sequence[dict], tokenizer: ChatGLMTokenizer, specials: Specials, max_len: int) -> list[Example]:
-    """Chat records ({prompt, response, history}) in ChatGLM's prompt format; too-long ones are dropped."""
+def sft_examples(records: Sequence[dict], tokenizer: Tokenizer, specials: Specials, max_len: int,
+                 chat_format: ChatFormat = CHATGLM_6B) -> list[Example]:
+    """Chat records ({prompt, response, history}) in the chat format; too-long ones are dropped."""
     out = []
     for r in records:
         history = [tuple(turn) for turn in r.get("history", [])]
-        prompt_ids = tokenizer.encode(build_prompt(r["prompt"], history))
+        prompt_ids = tokenizer.encode(chat_format.prompt(r["prompt"], history))
         answer_ids = tokenizer.encode(r["response"], add_special_tokens=False)
         if len(prompt_ids) + len(answer_ids) + 1 <= max_len:
             out.append(chat_example(prompt_ids, answer_ids, specials))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.generation.chat import process_response
+from glmkit.text.chat_format import CHATGLM_6B
 
 from tiny import write_chat_model
 
@@ -86,7 +86,7 @@ def test_generate_prints_the_greedy_answer(model_dir):
     ids = torch.tensor([tokenizer.encode("hello")])
     out = model.generate(ids, max_new_tokens=12)
     assert result.stdout == tokenizer.decode(out[0, ids.shape[1]:].tolist()) + "\n"
-    assert process_response(result.stdout)  # something was printed
+    assert CHATGLM_6B.parse(result.stdout)  # something was printed
 
 
 def test_generate_reads_the_prompt_from_stdin(model_dir):

@@ -41,7 +41,7 @@ def alone(model, sequence: list[int], start: int, answer: list[int]) -> float:
 def test_packed_choices_score_as_separate_sequences(model, gmask, choices):
     a = part_a(CONTEXT, model.special_ids, gmask)
     assert a == [*CONTEXT, GMASK if gmask else MASK]
-    [packed] = score_packed(model, [pack(a, choices, model.special_ids, model.config.position_encoding_2d)])
+    [packed] = score_packed(model, [pack(a, choices, model.special_ids, model.position_layout)])
     for choice, score in zip(choices, packed, strict=True):
         expected = alone(model, [*a, SOP, *choice[:-1]], len(a), choice)
         assert score.logprob == pytest.approx(expected, abs=1e-4)
@@ -53,25 +53,25 @@ def test_blank_in_the_middle_of_the_context(model):
     context = [10, 11, MASK, 12, 13]
     a = part_a(context, model.special_ids, gmask=False)
     assert a == context
-    [packed] = score_packed(model, [pack(a, CHOICES, model.special_ids, model.config.position_encoding_2d)])
+    [packed] = score_packed(model, [pack(a, CHOICES, model.special_ids, model.position_layout)])
     for choice, score in zip(CHOICES, packed, strict=True):
         assert score.logprob == pytest.approx(alone(model, [*a, SOP, *choice[:-1]], len(a), choice), abs=1e-4)
 
 
 def test_packing_does_not_let_choices_see_each_other(model):
     """Changing one choice leaves the others' scores alone."""
-    special, two_d = model.special_ids, model.config.position_encoding_2d
+    special, layout = model.special_ids, model.position_layout
     a = part_a(CONTEXT, special, False)
-    first = score_packed(model, [pack(a, CHOICES, special, two_d)])[0]
-    changed = score_packed(model, [pack(a, [CHOICES[0], [31, 32, 33], *CHOICES[2:]], special, two_d)])[0]
+    first = score_packed(model, [pack(a, CHOICES, special, layout)])[0]
+    changed = score_packed(model, [pack(a, [CHOICES[0], [31, 32, 33], *CHOICES[2:]], special, layout)])[0]
     for i in (0, 2, 3):
         assert changed[i].logprob == pytest.approx(first[i].logprob, abs=1e-5)
     assert changed[1].logprob != pytest.approx(first[1].logprob, abs=1e-3)
 
 
 def test_batched_rows_score_as_unbatched(model):
-    special, two_d = model.special_ids, model.config.position_encoding_2d
-    rows = [pack(part_a(CONTEXT[:n], special, n % 2 == 0), CHOICES[: 2 + n % 3], special, two_d) for n in range(1, 7)]
+    special, layout = model.special_ids, model.position_layout
+    rows = [pack(part_a(CONTEXT[:n], special, n % 2 == 0), CHOICES[: 2 + n % 3], special, layout) for n in range(1, 7)]
     batched = score_packed(model, rows)
     for row, scores in zip(rows, batched, strict=True):
         single = score_packed(model, [row])[0]

@@ -12,6 +12,7 @@ import glmkit.cli
 from glmkit.generation.beam import Hypotheses, beam_search, gnmt_penalty, top_candidates
 from glmkit.generation.generate import banned_by_ngrams, stream_tokens
 from glmkit.generation.sampling import SamplingParams
+from glmkit.text.chat_format import CHATGLM_6B
 
 from tiny import prompt, random_model, tiny_config, write_chat_model
 
@@ -180,7 +181,7 @@ def test_chat_and_the_cli_with_beams(chat_model_dir, capsys):
                                                   eos_token_ids=(tokenizer.eos_token_id,)))[0]
     expected = tokenizer.decode([t for t in best.tokens if t != tokenizer.eos_token_id])
     response, history = model.chat(tokenizer, "你好", num_beams=3, max_new_tokens=10, no_repeat_ngram_size=2)
-    assert response == glmkit.generation.chat.process_response(expected) and response
+    assert response == CHATGLM_6B.parse(expected) and response
     streamed = [r for r, _ in model.stream_chat(tokenizer, "你好", num_beams=3, max_new_tokens=10,
                                                 no_repeat_ngram_size=2)]
     assert streamed == [response]  # one yield, at the end

@@ -22,7 +22,7 @@ from glmkit.checkpoints.sat import SatCheckpointError, convert_sat
 from glmkit.cli import main
 from glmkit.models.config import GLMConfig, preset
 from glmkit.models.glm import MLP, RotaryEmbedding
-from glmkit.models.positions import SpecialIds, model_layout
+from glmkit.models.positions import PREFIX_LM_1D, SpecialIds, model_layout
 
 from sat_files import glm130b_state, write_sat
 from tiny import EOP, EOS, GMASK, MASK, SOP, tiny_config, tiny_glm130b_config
@@ -161,7 +161,7 @@ def blocked_from(rows: list[str]) -> torch.Tensor:
 
 def test_mask_prompt_freezes_positions_at_the_mask():
     ids = torch.tensor([[5, 6, MASK, 7, SOP, 8, 9]])
-    positions, blocked = model_layout(ids, SPECIAL, two_d=False)
+    positions, blocked = model_layout(ids, SPECIAL, PREFIX_LM_1D)
     assert positions[0, 0].tolist() == [0, 1, 2, 3, 2, 2, 2]
     assert torch.equal(blocked[0, 0], blocked_from([
         "....xxx",
@@ -175,15 +175,15 @@ def test_mask_prompt_freezes_positions_at_the_mask():
 
 
 def test_gmask_prompt_keeps_counting_and_mask_wins_over_gmask():
-    positions, blocked = model_layout(torch.tensor([[5, 6, 7, GMASK, SOP, 8, 9]]), SPECIAL, two_d=False)
+    positions, blocked = model_layout(torch.tensor([[5, 6, 7, GMASK, SOP, 8, 9]]), SPECIAL, PREFIX_LM_1D)
     assert positions[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert blocked[0, 0, :, :4].any().item() is False and blocked[0, 0, 4].tolist() == [False] * 5 + [True] * 2
-    positions, _ = model_layout(torch.tensor([[5, MASK, 6, GMASK, SOP, 8]]), SPECIAL, two_d=False)
+    positions, _ = model_layout(torch.tensor([[5, MASK, 6, GMASK, SOP, 8]]), SPECIAL, PREFIX_LM_1D)
     assert positions[0, 0].tolist() == [0, 1, 2, 3, 1, 1]  # generate.py: "[MASK]" in the text wins
 
 
 def test_context_runs_to_the_last_sop():
-    positions, blocked = model_layout(torch.tensor([[5, MASK, SOP, 6, SOP, 7]]), SPECIAL, two_d=False)
+    positions, blocked = model_layout(torch.tensor([[5, MASK, SOP, 6, SOP, 7]]), SPECIAL, PREFIX_LM_1D)
     assert positions[0, 0].tolist() == [0, 1, 2, 3, 1, 1]
     assert not blocked[0, 0, 0, :4].any() and blocked[0, 0, 0, 4:].all()
 
