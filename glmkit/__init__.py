@@ -6,8 +6,9 @@ config or the sampling parameters) does not import torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from glmkit.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from glmkit.generation.sampling import SamplingParams
@@ -26,14 +27,4 @@ _EXPORTS = {
 __all__ = ["ChatGLMTokenizer", "GLMConfig", "GLMForCausalLM", "SamplingParams", "load"]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once imported, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

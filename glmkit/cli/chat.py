@@ -17,6 +17,7 @@ from glmkit.cli.common import (
     text_argument,
 )
 from glmkit.parallel import tp as tp_lib
+from glmkit.text.streaming import TextStream
 
 CHAT_HELP = """\
 glmkit chat: type a message and press Enter.
@@ -42,18 +43,18 @@ def read_query(prompt: str) -> str:
 
 
 def print_stream(responses: Iterator[str]) -> str:
-    """Print a growing, cleaned-up response; hold back its last character, which the clean-up may still change."""
-    printed, response = "", ""
+    """Print a growing, cleaned-up response as it settles (the clean-up may still change its last character)."""
+    stream, response = TextStream(hold_last=True), ""
     for response in responses:
-        stable = response[:-1]
-        if stable.startswith(printed):
-            sys.stdout.write(stable[len(printed):])
-            sys.stdout.flush()
-            printed = stable
-    sys.stdout.write(response[len(printed):] if response.startswith(printed) else "\n" + response)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+        _write(stream.update(response))
+    _write((stream.finish(response) if response.startswith(stream.shown) else "\n" + response) + "\n")
     return response
+
+
+def _write(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str:

@@ -9,8 +9,9 @@ below are imported on first use, so `glmkit.engine.scheduler` (and the server's 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from glmkit.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from glmkit.engine.engine import Engine
@@ -27,14 +28,4 @@ _EXPORTS = {
 
 __all__ = ["Engine", "QueueFull", "Request", "Scheduler", "StepOutput"]
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once imported, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

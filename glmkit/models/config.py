@@ -138,7 +138,8 @@ class GLMConfig:
         """Keys GLM-130B added are written only when set, so ChatGLM-6B configs stay as they were."""
         data = {k: v for k, v in asdict(self).items()
                 if k != "extra" and not (k in OPTIONAL_KEYS and v == OPTIONAL_KEYS[k])}
-        return {**self.extra, "model_type": "chatglm", **data}
+        # A family's own model_type (kept in extra when read) survives the round trip; glmkit's is "chatglm".
+        return {**self.extra, "model_type": self.extra.get("model_type", "chatglm"), **data}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GLMConfig:
