@@ -526,3 +526,19 @@ def test_slugs_follow_github():
     assert slug("Evaluation harness: `glmkit eval`") == "evaluation-harness-glmkit-eval"
     assert slug("INT8 / INT4 quantization") == "int8--int4-quantization"
     assert slug("What it can do (measured)") == "what-it-can-do-measured"
+
+
+def test_the_front_page_python_tour_runs_on_the_demo_model_and_says_what_it_prints():
+    """The README's Python example needs no download: run it as written, and hold its comments to the truth."""
+    page = read_page(ROOT / "README.md")
+    [tour] = [b for b in page.blocks if b.lang == "python"]
+    source = "\n".join(line for _, line in tour.lines)
+    printed = io.StringIO()
+    namespace: dict = {}
+    import torch
+
+    torch.manual_seed(0)  # chat samples (top_p 0.7): the demo model's answers are peaked, but keep it repeatable
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
+    assert namespace["response"] == "Paris in Chinese is 巴黎."  # the comment on that line
+    assert "法国的首都是巴黎。" in printed.getvalue()
