@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from glmkit.engine.engine import Engine
@@ -35,6 +36,36 @@ class _Abort:
     request_id: str
 
 
+class RequestOutputs:
+    """An admitted request's step outputs, as an async iterator. aclose() before the last output aborts the
+    request (as does dropping the object unclosed), so a slot is never held for a client that is gone."""
+
+    def __init__(self, commands: queue.Queue, request_id: str, outputs: asyncio.Queue) -> None:
+        self.commands, self.request_id, self.outputs = commands, request_id, outputs
+        self.done = False
+
+    def __aiter__(self) -> RequestOutputs:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.done:
+            raise StopAsyncIteration
+        output: StepOutput = await self.outputs.get()
+        self.done = output.finish_reason is not None
+        return output
+
+    async def aclose(self) -> None:
+        self._abort()
+
+    def _abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.commands.put(_Abort(self.request_id))
+
+    def __del__(self) -> None:
+        self._abort()
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -51,24 +82,28 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
-        """Yield the request's step outputs; raises ValueError / QueueFull if it is refused.
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestOutputs:
+        """Admit a request and return its step outputs; raises ValueError / QueueFull if it is refused.
 
-        Closing the iterator early (a client that went away) aborts the request and frees its slot."""
+        The server admits before it answers, so that a refusal is an HTTP status, not a stream cut short.
+        Closing the outputs before the last one (a client that went away) aborts the request and frees its slot."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
         self.commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop))
-        await accepted  # raises the engine's refusal, if any
-        finished = False
         try:
-            while not finished:
-                output: StepOutput = await outputs.get()
-                finished = output.finish_reason is not None
+            await accepted  # raises the engine's refusal, if any
+        except asyncio.CancelledError:  # the caller went away while the request was being admitted
+            self.commands.put(_Abort(request_id))
+            raise
+        return RequestOutputs(self.commands, request_id, outputs)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """submit, then the outputs (for callers that need no admission step of their own)."""
+        outputs = await self.submit(prompt_ids, params, request_id)
+        async with aclosing(outputs):
+            async for output in outputs:
                 yield output
-        finally:
-            if not finished:
-                self.commands.put(_Abort(request_id))
 
     def _run(self) -> None:
         while True:
@@ -82,17 +117,18 @@ class AsyncEngine:
             if self.engine.has_work():
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # a failed step must not hang every client: fail them and go on
-                    outputs = self._fail_all(e)
+                except Exception as e:  # a failed step must not hang its clients: fail them and go on
+                    outputs = self._fail_running(e)
                 for output in outputs:
                     self._deliver(output)
 
-    def _fail_all(self, error: Exception) -> list[StepOutput]:
+    def _fail_running(self, error: Exception) -> list[StepOutput]:
+        """An unexpected failure outside any one request's step: the running batch ends with an error; the
+        waiting requests, which took no part in it, stay queued."""
         logging.getLogger("glmkit.engine").exception("engine step failed: %s", error)
         scheduler = self.engine.scheduler
-        requests = [*scheduler.running, *scheduler.waiting]
+        requests = list(scheduler.running)
         scheduler.running.clear()
-        scheduler.waiting.clear()
         return [StepOutput(r.request_id, None, "error") for r in requests]
 
     def _handle(self, command: _Submit | _Abort) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 from glmkit.engine.parallel import BroadcastRunner
@@ -12,6 +13,8 @@ from glmkit.engine.scheduler import Scheduler
 from glmkit.generation.generate import end_tokens
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+
+log = logging.getLogger("glmkit.engine")
 
 
 class Engine:
@@ -49,17 +52,33 @@ class Engine:
         return StepOutput(request_id, None, "abort")
 
     def step(self) -> list[StepOutput]:
+        """One token for every running request. A request whose step fails (its prefill, its sampling) ends
+        with finish_reason "error" and leaves the batch; the others go on. Only a failed forward pass of the
+        decoding batch, which every decoding request shares, fails all of them."""
         plan = self.scheduler.schedule()
-        produced: list[tuple[Request, int]] = []
+        produced: list[tuple[Request, int | None]] = []
         if plan.decoding:
-            tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding], [r.params for r in plan.decoding])
+            try:
+                tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding],
+                                            [r.params for r in plan.decoding])
+            except Exception:  # noqa: BLE001 (the shared forward pass failed: these requests cannot go on)
+                log.exception("decoding step of %d requests failed", len(plan.decoding))
+                tokens = [None] * len(plan.decoding)
             produced += zip(plan.decoding, tokens, strict=True)
         for slot, request in plan.admitted:
-            produced.append((request, self.runner.prefill(slot, request.prompt_ids, request.params)))
+            try:
+                token = self.runner.prefill(slot, request.prompt_ids, request.params)
+            except Exception:  # noqa: BLE001 (this request's own failure)
+                log.exception("prefill of request %s failed", request.request_id)
+                token = None
+            produced.append((request, token))
         outputs = []
         for request, token in produced:
-            request.output_ids.append(token)
-            request.finish_reason = self._finish_reason(request, token)
+            if token is None:
+                request.finish_reason = "error"
+            else:
+                request.output_ids.append(token)
+                request.finish_reason = self._finish_reason(request, token)
             outputs.append(StepOutput(request.request_id, token, request.finish_reason))
         for request, _ in produced:
             if request.finished:

@@ -23,7 +23,7 @@ class BroadcastRunner(ModelRunner):
     def prefill(self, *args: Any) -> int:
         return self._everywhere("prefill", args)
 
-    def decode(self, *args: Any) -> list[int]:
+    def decode(self, *args: Any) -> list[int | None]:
         return self._everywhere("decode", args)
 
     def move(self, *args: Any) -> None:

@@ -25,8 +25,9 @@ class EngineClient(Protocol):
         """Requests in the running batch."""
         ...
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
-        """The request's step outputs as they come; raises ValueError / QueueFull if it is refused.
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """Admit the request; raises ValueError / QueueFull if it is refused, else returns its step outputs
+        as they come (an async iterator with aclose).
 
-        Closing the iterator before the last output aborts the request and frees its slot."""
+        Closing the outputs before the last one aborts the request and frees its slot."""
         ...

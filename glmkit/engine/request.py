@@ -14,7 +14,7 @@ class Request:
     params: SamplingParams
     budget: int  # new tokens allowed (max_new_tokens / max_length / context, decided at admission)
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (end token), "length" (budget), "abort"
+    finish_reason: str | None = None  # "stop" (end token), "length" (budget), "abort", "error" (its step failed)
 
     @property
     def finished(self) -> bool:
@@ -24,5 +24,5 @@ class Request:
 @dataclass
 class StepOutput:
     request_id: str
-    token_id: int | None  # None when the request ended without a new token (aborted)
+    token_id: int | None  # None when the request ended without a new token (aborted, or its step failed)
     finish_reason: str | None

@@ -6,11 +6,15 @@ generator), so a request samples exactly as it would alone, whatever else shares
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from glmkit.generation.generate import make_generator, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+
+log = logging.getLogger("glmkit.engine")
 
 
 class ModelRunner:
@@ -45,8 +49,9 @@ class ModelRunner:
         return self._sample(slot, out.logits[0, -1].float(), params)
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], params: list[SamplingParams]) -> list[int]:
-        """Feed each of slots 0..n-1 its latest token; return each slot's next token."""
+    def decode(self, tokens: list[int], params: list[SamplingParams]) -> list[int | None]:
+        """Feed each of slots 0..n-1 its latest token; return each slot's next token, or None for a slot whose
+        sampling failed (that request ends with an error; the others are not affected)."""
         n = len(tokens)
         model = self.model
         positions = self.last_positions[:n] + self.steps[:n]
@@ -57,7 +62,14 @@ class ModelRunner:
         out = model(ids, positions, blocked[:, None, None, :], cache_position=lengths.clone(), last_only=True)
         self.lengths[:n] += 1
         self.last_positions[:n] = positions
-        return [self._sample(row, out.logits[row, -1].float(), params[row]) for row in range(n)]
+        return [self._sample_or_none(row, out.logits[row, -1].float(), params[row]) for row in range(n)]
+
+    def _sample_or_none(self, slot: int, logits: torch.Tensor, params: SamplingParams) -> int | None:
+        try:
+            return self._sample(slot, logits, params)
+        except Exception:  # noqa: BLE001 (one request's sampling must not fail the batch)
+            log.exception("sampling failed for the request in slot %d", slot)
+            return None
 
     def _sample(self, slot: int, logits: torch.Tensor, params: SamplingParams) -> int:
         scores = process_logits(logits[None], self.seen[slot:slot + 1], params)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible and legacy ChatGLM APIs: requests in, engine calls, responses out.
 
-No tensors here: prompts become token ids through the tokenizer, the AsyncEngine produces token ids,
+No tensors here: prompts become token ids through the tokenizer, the engine client produces token ids,
 and this module turns them back into text, applying stop strings and the chat format's reply clean-up.
 """
 
@@ -8,43 +8,42 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from glmkit.engine.protocol import EngineClient
+from glmkit.engine.request import StepOutput
+from glmkit.engine.scheduler import QueueFull
 from glmkit.generation.sampling import SamplingParams
+from glmkit.serve.metrics import Metrics
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest, Message, SamplingFields
 from glmkit.text.chat_format import ChatFormat, ChatFormatError
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.streaming import TextStream
 
+log = logging.getLogger("glmkit.serve")
+
 
 class APIError(Exception):
-    """An error to send back in OpenAI's JSON shape."""
+    """An error to send back in OpenAI's JSON shape (and, once a stream has started, as its last event)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class Metrics:
-    requests: dict[str, int] = field(default_factory=dict)  # "endpoint status" -> count
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_sum: float = 0.0
-    latency_count: int = 0
-
-    def count(self, endpoint: str, status: int) -> None:
-        key = f'endpoint="{endpoint}",status="{status}"'
-        self.requests[key] = self.requests.get(key, 0) + 1
+# Seconds a client refused by a full queue is asked to wait (Retry-After): about one short reply's time.
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -60,7 +59,7 @@ class Serving:
                  context: int) -> None:
         self.engine, self.tokenizer, self.model_name, self.context = engine, tokenizer, model_name, context
         self.chat_format = chat_format
-        self.metrics = Metrics()
+        self.metrics = Metrics(engine)
 
     # ----- shared steps
 
@@ -84,12 +83,30 @@ class Serving:
         """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
         return SamplingParams(
             max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
-            temperature=request.temperature or 1.0, top_p=request.top_p,
-            seed=None if request.seed is None else request.seed + choice,
+            temperature=request.temperature or 1.0, top_p=request.top_p, seed=request.choice_seed(choice),
             **self.chat_format.sampling_ids(self.tokenizer),
         )
 
-    async def stream(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...],
+    async def admit(self, ids: list[int], params: list[SamplingParams]) -> list[AsyncIterator[StepOutput]]:
+        """Every choice admitted to the engine, or none (a refusal closes those already admitted).
+
+        This happens before any response starts, so a full queue is a 429 even for a stream."""
+        admitted: list[AsyncIterator[StepOutput]] = []
+        try:
+            for p in params:
+                admitted.append(await self.engine.submit(ids, p, uuid.uuid4().hex))
+        except BaseException as e:
+            for outputs in admitted:
+                await outputs.aclose()
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy ({e}); retry shortly", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e)) from e
+            raise
+        return admitted
+
+    async def stream(self, outputs: AsyncIterator[StepOutput], prompt_tokens: int, stop: tuple[str, ...],
                      clean: bool) -> AsyncIterator[tuple[str, Completion | None]]:
         """Yield (new text, None) as it settles, then ("", the whole completion) at the end."""
         new: list[int] = []
@@ -97,9 +114,9 @@ class Serving:
         # The clean-up may still change the last character (punctuation beside a CJK character).
         text = TextStream(stop, self.chat_format.parse, hold_last=True) if clean else TextStream(stop)
         started = time.perf_counter()
-        # aclosing: leaving early (a stop string, a client gone) closes the engine's iterator, which aborts
+        # aclosing: leaving early (a stop string, a client gone) closes the engine's outputs, which aborts
         # the request and frees its batch slot at once.
-        async with aclosing(self.engine.generate(ids, params, uuid.uuid4().hex)) as outputs:
+        async with aclosing(outputs):
             async for output in outputs:
                 if output.finish_reason == "error":
                     raise APIError(500, "generation failed on the server; see its log", code="engine_error")
@@ -114,23 +131,37 @@ class Serving:
                     break
         if delta := text.finish(self.tokenizer.decode(new)):
             yield delta, None
-        self.metrics.prompt_tokens += len(ids)
-        self.metrics.completion_tokens += len(new)
-        self.metrics.latency_sum += time.perf_counter() - started
-        self.metrics.latency_count += 1
-        yield "", Completion(text.final, len(ids), len(new), finish)
+        self.metrics.generation(prompt_tokens, len(new), time.perf_counter() - started)
+        yield "", Completion(text.final, prompt_tokens, len(new), finish)
 
-    async def complete(self, ids: list[int], params: SamplingParams, stop: tuple[str, ...], clean: bool) -> Completion:
-        async for _, done in self.stream(ids, params, stop, clean):
+    async def complete(self, outputs: AsyncIterator[StepOutput], prompt_tokens: int, stop: tuple[str, ...],
+                       clean: bool) -> Completion:
+        async for _, done in self.stream(outputs, prompt_tokens, stop, clean):
             if done is not None:
                 return done
         raise AssertionError("the stream ended without a completion")
+
+    async def complete_all(self, admitted: list[AsyncIterator[StepOutput]], prompt_tokens: int,
+                           stop: tuple[str, ...], clean: bool) -> list[Completion]:
+        """All choices to the end; if one fails, or the caller is cancelled (a client gone), the others are
+        cancelled too, and each one's engine request is aborted."""
+        tasks = [asyncio.ensure_future(self.complete(o, prompt_tokens, stop, clean)) for o in admitted]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            for outputs in admitted:
+                await outputs.aclose()
 
     # ----- endpoints
 
     def chat_prompt(self, messages: list[Message]) -> str:
         try:
-            return self.chat_format.render([{"role": m.role, "content": m.content} for m in messages])
+            return self.chat_format.render([{"role": m.role, "content": m.text} for m in messages])
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from e
 
@@ -151,17 +182,20 @@ class Serving:
         params = [self.params(request, i) for i in range(request.n)]  # n choices: n requests, batched together
         stop = request.stop_strings()
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        admitted = await self.admit(ids, params)
         if request.stream:
-            return self._sse(ids, params, stop, rid, created, chat=chat)
-        dones = await asyncio.gather(*(self.complete(ids, p, stop, clean=chat) for p in params))
+            return self._sse(admitted, len(ids), stop, rid, created, chat=chat)
+        dones = await self.complete_all(admitted, len(ids), stop, clean=chat)
         kind = "chat.completion" if chat else "text_completion"
         choices = [{"index": i, **_choice_body(done.text, chat), "finish_reason": done.finish_reason}
                    for i, done in enumerate(dones)]
         return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices,
                 "usage": _usage(dones)}
 
-    async def _sse(self, ids, params: list[SamplingParams], stop, rid: str, created: int,
-                   chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, admitted: list[AsyncIterator[StepOutput]], prompt_tokens: int, stop, rid: str,
+                   created: int, chat: bool) -> AsyncIterator[str]:
+        """The event stream of admitted requests. It ends with [DONE]; a failure after it started ends it
+        with one event carrying OpenAI's error body instead (the openai client raises it)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(index: int, delta: str | None, finish: str | None, first: bool = False) -> str:
@@ -173,24 +207,41 @@ class Serving:
             payload = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        if chat:
-            for i in range(len(params)):
-                yield chunk(i, None, None, first=True)
-        streams = [self.stream(ids, p, stop, clean=chat) for p in params]
-        async for i, (delta, done) in _merge(streams):
-            yield chunk(i, delta, None) if done is None else chunk(i, None, done.finish_reason)
+        try:
+            if chat:
+                for i in range(len(admitted)):
+                    yield chunk(i, None, None, first=True)
+            streams = [self.stream(o, prompt_tokens, stop, clean=chat) for o in admitted]
+            async for i, (delta, done) in _merge(streams):
+                yield chunk(i, delta, None) if done is None else chunk(i, None, done.finish_reason)
+        except Exception as e:  # noqa: BLE001 (the status line is gone: the error goes in the stream)
+            error = e if isinstance(e, APIError) else APIError(500, "generation failed on the server; see its log",
+                                                              code="server_error")
+            if not isinstance(e, APIError):
+                log.exception("stream %s failed", rid)
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
+        finally:
+            for outputs in admitted:
+                await outputs.aclose()
         yield "data: [DONE]\n\n"
 
     async def legacy(self, request: LegacyRequest) -> dict:
         """ChatGLM-6B's api.py: POST / {prompt, history, max_length, top_p, temperature}."""
+        if request.max_length is not None and request.max_length > self.context:
+            raise APIError(400, f"max_length {request.max_length} exceeds the model's context of {self.context} "
+                                f"tokens (prompt and answer together); send at most {self.context}, or leave it out",
+                           code="context_length_exceeded", param="max_length")
+        max_length = request.max_length or self.context
         ids = self.encode(self.chat_format.prompt(request.prompt, request.history), None)
-        if len(ids) >= request.max_length:
+        if len(ids) >= max_length:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room under "
-                                f"max_length={request.max_length}", param="max_length")
-        params = SamplingParams(max_length=request.max_length, do_sample=request.temperature > 0,
+                                f"max_length={max_length}", param="max_length")
+        params = SamplingParams(max_length=max_length, do_sample=request.temperature > 0,
                                 temperature=request.temperature or 1.0, top_p=request.top_p, top_k=50,
                                 **self.chat_format.sampling_ids(self.tokenizer))
-        done = await self.complete(ids, params, (), clean=True)
+        admitted = await self.admit(ids, [params])
+        (done,) = await self.complete_all(admitted, len(ids), (), clean=True)
         history = [*[list(turn) for turn in request.history], [request.prompt, done.text]]
         return {"response": done.text, "history": history, "status": 200,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}

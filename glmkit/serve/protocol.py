@@ -1,26 +1,104 @@
-"""Request and response shapes of the OpenAI-compatible API (the subset glmkit serves)."""
+"""Request and response shapes of the OpenAI-compatible API (the subset glmkit serves).
+
+Every value is checked here, at the edge, so that nothing a client sends can make the engine's step fail:
+numbers are finite and in range (a temperature or top_p so small that fp32 sampling breaks is refused),
+a seed is a 64-bit integer, and strings hold no lone surrogates (they cannot be encoded to UTF-8).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The smallest sampling temperature and top_p accepted. Below these fp32 sampling breaks down: logits divided
+# by a temperature under ~1e-38 overflow to inf, and a top_p under ~1e-45 rounds to 0 in fp32 and filters out
+# every token. Any value this small means "the most likely token", which temperature 0 (greedy) asks for.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class Message(BaseModel):
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """The location of the first string holding a lone surrogate (U+D800..U+DFFF), if any."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _surrogate_path(key) is not None:
+            return f"{path}.{key}".lstrip(".")
+        if (found := _surrogate_path(item, f"{path}.{key}".lstrip("."))) is not None:
+            return found
+    return None
+
+
+class Checked(BaseModel):
+    """Finite floats only, and no lone surrogates anywhere in the request."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        if (where := _surrogate_path(data)) is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone surrogate (a \\ud800-\\udfff escape without its "
+                             "pair), which is not valid Unicode text")
+        return data
+
+
+class TextPart(Checked):
+    """One part of OpenAI's list form of a message's content; only text parts are served."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(Checked):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict) and part.get("type") not in ("text", None):
+                    raise ValueError(f"content parts of type {part.get('type')!r} are not supported; this server "
+                                     "serves text parts only ({'type': 'text', 'text': ...})")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as other OpenAI-compatible servers do)."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _check_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; a smaller one means the "
+                         "most likely token, which temperature 0 gives")
+    return value
 
+
+def _check_top_p(value: float) -> float:
+    if value < MIN_TOP_P:
+        raise ValueError(f"top_p must be at least {MIN_TOP_P} (values smaller than that cannot be represented when "
+                         "sampling); use temperature 0 for the most likely token")
+    return value
+
+
+class SamplingFields(Checked):
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; else in [{MIN_TEMPERATURE}, 2]")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description=f"in [{MIN_TOP_P}, 1]")
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="a 64-bit signed integer")
     stream: bool = False
     user: str | None = None
     n: int = Field(1, ge=1, le=16)
@@ -31,6 +109,16 @@ class SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _check_temperature(value)
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        return _check_top_p(value)
 
     def unsupported(self) -> str | None:
         """The first option this server cannot honour, if any."""
@@ -48,6 +136,12 @@ class SamplingFields(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def choice_seed(self, choice: int) -> int | None:
+        """Choice i samples with seed + i, wrapped into the 64-bit range (so seed 2**63 - 1 with n = 2 works)."""
+        if self.seed is None:
+            return None
+        return (self.seed + choice - INT64_MIN) % 2**64 + INT64_MIN
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
@@ -57,11 +151,35 @@ class CompletionRequest(SamplingFields):
     prompt: str
 
 
-class LegacyRequest(BaseModel):
-    """The original ChatGLM-6B api.py request."""
+class LegacyRequest(Checked):
+    """The original ChatGLM-6B api.py request; max_length is prompt + answer, at most the model's context
+    (the default)."""
 
     prompt: str
     history: list[tuple[str, str]] = Field(default_factory=list)
-    max_length: int = Field(2048, ge=1)
+    max_length: int | None = Field(None, ge=1)
     top_p: float = Field(0.7, gt=0.0, le=1.0)
     temperature: float = Field(0.95, ge=0.0, le=2.0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _check_temperature(value)
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        return _check_top_p(value)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx of this server carries."""
+
+    error: ErrorDetail

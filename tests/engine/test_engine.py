@@ -90,3 +90,33 @@ def test_prompt_that_cannot_fit_is_refused_at_admission():
         raise AssertionError("a prompt longer than the context was accepted")
     assert not engine.has_work()
     assert torch.equal(engine.runner.lengths, torch.zeros(2, dtype=torch.long))
+
+
+def test_a_request_whose_step_fails_ends_alone_and_the_batch_goes_on(monkeypatch):
+    """One request's sampling raises at decode, another's at prefill: each ends with "error" and leaves its
+    slot; the requests beside them get exactly the tokens they get alone."""
+    from glmkit.engine.runner import ModelRunner
+
+    model = random_model(tiny_config(eos_token_id=255))
+    good = [SamplingParams(max_new_tokens=n) for n in (6, 9, 4)]
+    at_decode, at_prefill = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8)
+    expected = [alone(model, p, sp) for p, sp in zip(PROMPTS, good, strict=False)]
+    original, calls = ModelRunner._sample, {}
+
+    def failing(self, slot, logits, params):
+        calls[id(params)] = calls.get(id(params), 0) + 1
+        if params is at_prefill or (params is at_decode and calls[id(params)] == 2):
+            raise RuntimeError("injected")
+        return original(self, slot, logits, params)
+
+    monkeypatch.setattr(ModelRunner, "_sample", failing)
+    engine = Engine(model, max_batch=4)
+    requests = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, good, strict=False)]
+    broken = engine.add_request(PROMPTS[3], at_decode)
+    outputs = run_all(engine, [*requests, broken], {2: [(PROMPTS[4], at_prefill)]})
+    late = next(r for r in outputs if r not in {q.request_id for q in [*requests, broken]})
+    assert outputs[broken.request_id][1:] == [None] and broken.finish_reason == "error"
+    assert outputs[late] == [None]
+    for request, want in zip(requests, expected, strict=True):
+        assert outputs[request.request_id] == want and request.finish_reason == "length"
+    assert not engine.has_work() and engine.scheduler.running == []

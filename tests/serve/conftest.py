@@ -32,7 +32,7 @@ def start_server(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
                              *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc, base

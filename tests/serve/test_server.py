@@ -60,7 +60,7 @@ def test_legacy_chatglm_api(server, local, api_key):
 def test_models_health_metrics(client, server, model_dir):
     assert [m.id for m in client.models.list()] == [name_of(model_dir)]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
-    metrics = httpx.get(f"{server}/metrics").text
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {client.api_key}"}).text
     assert "glmkit_completion_tokens_total" in metrics and 'endpoint="/v1/chat/completions",status="200"' in metrics
 
 
@@ -156,7 +156,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, model_dir, api_key):
             pass
     deadline = time.time() + 20
     while time.time() < deadline:
-        if "glmkit_running_requests 0" in httpx.get(f"{server}/metrics").text:
+        if "glmkit_running_requests 0" in httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {api_key}"}).text:
             break
         time.sleep(0.2)
     else:
