@@ -76,7 +76,7 @@ async def run(base: str, model: str, streams: int, max_tokens: int) -> float:
 def completion_tokens(base: str) -> int:
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith("glmkit_completion_tokens_total "):
-            return int(line.split()[1])
+            return int(float(line.split()[1]))
     raise RuntimeError("no completion token counter in /metrics")
 
 

@@ -135,7 +135,9 @@ def build_app(engine: EngineClient, tokenizer: Tokenizer, chat_format: ChatForma
         return error_response(APIError(500, "the server failed to answer; see its log", code="server_error"))
 
     errors = {status: {"model": ErrorResponse, "description": text} for status, text in ERRORS.items()}
-    answers = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    event = {"type": "object", "description": "one server-sent event: data is a JSON chunk, '[DONE]' or an error body",
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}
+    answers = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": event}},
                      "description": "the completion, or with stream: true an event stream of chunks ending in "
                                     "'data: [DONE]' (or in one event with an error body)"}, **errors}
 

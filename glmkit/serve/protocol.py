@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TEMPERATURE_SCHEMA = {"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}
 
 
 def _surrogate_path(value: Any, path: str = "") -> str | None:
@@ -94,8 +95,9 @@ def _check_top_p(value: float) -> float:
 
 class SamplingFields(Checked):
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; else in [{MIN_TEMPERATURE}, 2]")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description=f"in [{MIN_TOP_P}, 1]")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; else in [{MIN_TEMPERATURE}, 2]",
+                               json_schema_extra=TEMPERATURE_SCHEMA)
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="a 64-bit signed integer")
@@ -158,8 +160,8 @@ class LegacyRequest(Checked):
     prompt: str
     history: list[tuple[str, str]] = Field(default_factory=list)
     max_length: int | None = Field(None, ge=1)
-    top_p: float = Field(0.7, gt=0.0, le=1.0)
-    temperature: float = Field(0.95, ge=0.0, le=2.0)
+    top_p: float = Field(0.7, ge=MIN_TOP_P, le=1.0)
+    temperature: float = Field(0.95, ge=0.0, le=2.0, json_schema_extra=TEMPERATURE_SCHEMA)
 
     @field_validator("temperature")
     @classmethod
