@@ -31,3 +31,7 @@ class EngineClient(Protocol):
 
         Closing the outputs before the last one aborts the request and frees its slot."""
         ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """submit, then the outputs: for callers that need no admission step of their own."""
+        ...
