@@ -95,7 +95,8 @@ def write_chat_model(directory: Path, tokenizer, silence_eop: bool = False, **ov
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    config = tiny_config(vocab_size=vocab, max_sequence_length=2048, tie_word_embeddings=False, **{**ids, **overrides})
+    config = tiny_config(**{"vocab_size": vocab, "max_sequence_length": 2048, "tie_word_embeddings": False, **ids,
+                            **overrides})
     model = random_model(config)
     if silence_eop:
         with torch.no_grad():

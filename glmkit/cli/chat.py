@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from glmkit.cli.common import (
@@ -42,12 +44,20 @@ def read_query(prompt: str) -> str:
     return "\n".join([*lines, line])
 
 
-def print_stream(responses: Iterator[str]) -> str:
-    """Print a growing, cleaned-up response as it settles (the clean-up may still change its last character)."""
-    stream, response = TextStream(hold_last=True), ""
+def print_stream(responses: Iterator[str], lead: str = "", stop: threading.Event | None = None) -> str | None:
+    """Print a growing, cleaned-up response as it settles (the clean-up may still change its last character),
+    after `lead` once the first text arrives. None when `stop` was set: the answer was cut short."""
+    stream, response, started = TextStream(hold_last=True), "", False
     for response in responses:
+        if not started:
+            _write(lead)
+            started = True
         _write(stream.update(response))
-    _write((stream.finish(response) if response.startswith(stream.shown) else "\n" + response) + "\n")
+        if stop is not None and stop.is_set():
+            _write(" [interrupted]\n")
+            return None
+    _write(("" if started else lead) + (stream.finish(response) if response.startswith(stream.shown)
+                                         else "\n" + response) + "\n")
     return response
 
 
@@ -57,21 +67,26 @@ def _write(text: str) -> None:
         sys.stdout.flush()
 
 
-def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str:
-    """Stream one answer; Ctrl-C stops it and keeps what was written so far."""
-    sys.stdout.write("GLM: ")
-    latest = ""
-
-    def responses() -> Iterator[str]:
-        nonlocal latest
-        for latest, _ in model.stream_chat(tokenizer, query, history, **options):  # noqa: B007
-            yield latest
-
+@contextlib.contextmanager
+def ctrl_c_stops() -> Iterator[threading.Event]:
+    """While an answer streams, Ctrl-C sets a flag that the loop reads after every token, instead of raising
+    KeyboardInterrupt wherever Python happens to be: one that lands in a destructor is lost, and the answer
+    would run on to max_length."""
+    pressed = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.set())
     try:
-        return print_stream(responses())
-    except KeyboardInterrupt:
-        print(" [interrupted]")
-        return latest
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str | None:
+    """Stream one answer. Ctrl-C stops it: what was written stays on the screen, but the turn is not kept in
+    the history (a cut-off answer would derail the next turns), so None."""
+    with ctrl_c_stops() as pressed:
+        replies = (text for text, _ in model.stream_chat(tokenizer, query, history, **options))
+        with contextlib.closing(replies):  # leaving early ends the generation
+            return print_stream(replies, "GLM: ", pressed)
 
 
 def next_message() -> str | None:
@@ -112,9 +127,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             response = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
         except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
-            print(f"\n(not answered: {e}; type 'clear' to start over)")
+            print(f"(not answered: {e}; raise --max-length or type 'clear' to start over)")
             continue
-        history = history + [(query, response)]
+        if response is not None:
+            history = history + [(query, response)]
 
 
 def add_one_shot_arguments(parser: argparse.ArgumentParser, text: str, what: str, max_new_tokens_help: str) -> None:

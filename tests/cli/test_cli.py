@@ -5,12 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pexpect
 import pytest
 import torch
 
 import glmkit
+from glmkit.cli.chat import answer_turn
 from glmkit.text.chat_format import CHATGLM_6B
 
 from tiny import write_chat_model
@@ -38,20 +40,18 @@ def test_chat_session_in_a_terminal(model_dir):
     child.expect("You: ")
     first_answer = child.before.strip()
     assert len(first_answer) > 5
-    # A message over two lines, joined by a trailing backslash.
-    child.sendline("line one \\")
-    child.expect(r"\.\.\. ")
-    child.sendline("line two")
-    child.expect("GLM: ")
-    child.expect("You: ")
-    # The history now outgrows max_length: the turn is refused with a reason, the session survives.
-    child.sendline("a third question")
-    child.expect(r"not answered: .*max_length=60")
+    # The history now outgrows max_length: the turn is refused with a reason, before any answer begins.
+    child.sendline("a second question")
+    child.expect(r"not answered: .*max_length=60.*raise --max-length")
+    assert "GLM:" not in child.before
     child.expect("You: ")
     child.sendline("clear")
     child.expect(r"\(conversation cleared\)")
     child.expect("You: ")
-    child.sendline("你好")  # after clear, the first prompt fits again
+    # After clear the first prompt fits again; a message over two lines, joined by a trailing backslash.
+    child.sendline("line one \\")
+    child.expect(r"\.\.\. ")
+    child.sendline("line two")
     child.expect("GLM: ")
     child.expect("You: ")
     assert "not answered" not in child.before
@@ -61,22 +61,47 @@ def test_chat_session_in_a_terminal(model_dir):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_interrupts_a_reply_and_keeps_the_session(model_dir):
-    child = spawn_chat(model_dir, "--max-length", "2000")
+@pytest.fixture(scope="module")
+def endless_model_dir(tokenizer, tmp_path_factory):
+    """Replies that cannot end by themselves within any test's time: <eop> silenced, 30,000 tokens of room."""
+    return write_chat_model(tmp_path_factory.mktemp("endless-model"), tokenizer, silence_eop=True,
+                            max_sequence_length=32768)
+
+
+def test_ctrl_c_interrupts_a_reply_and_keeps_the_session(endless_model_dir):
+    # Deterministic under load: the reply cannot finish before the signal lands, and Ctrl-C is a flag the
+    # generation loop reads after every token, so the only wait is for the machine to get there.
+    child = spawn_chat(endless_model_dir, "--max-length", "30000")
     child.sendline("tell me a long story")
-    child.expect("GLM: ")
-    child.expect(r"\S{3}")  # the answer is streaming
+    child.expect("GLM: ", timeout=120)
+    child.expect(r"\S{3}", timeout=120)  # the answer is streaming
     child.kill(signal.SIGINT)
-    child.expect(r"\[interrupted\]", timeout=30)
-    child.expect("You: ")
+    child.expect(r"\[interrupted\]", timeout=120)
+    child.expect("You: ", timeout=120)
     child.sendline("and then?")  # the session goes on
-    child.expect("GLM: ")
+    child.expect("GLM: ", timeout=120)  # written once the first token is out: Ctrl-C now stops this answer
     child.kill(signal.SIGINT)
-    child.expect("You: ", timeout=30)
+    child.expect(r"\[interrupted\]", timeout=120)
+    child.expect("You: ", timeout=120)
     child.sendeof()  # Ctrl-D leaves
-    child.expect(pexpect.EOF)
+    child.expect(pexpect.EOF, timeout=120)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_an_interrupted_reply_is_shown_but_not_kept(endless_model_dir, capsys):
+    model, tokenizer = glmkit.load(endless_model_dir, progress=False)
+    history = [("hi", "hello")]
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while the answer streams
+    timer.start()
+    try:
+        assert answer_turn(model, tokenizer, "tell me a long story", history, {"max_length": 30000, "seed": 0}) is None
+    finally:
+        timer.cancel()
+    out = capsys.readouterr().out
+    assert out.startswith("GLM: ") and out.endswith(" [interrupted]\n") and len(out) > len("GLM:  [interrupted]\n")
+    assert history == [("hi", "hello")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises again at the prompt
 
 
 def test_generate_prints_the_greedy_answer(model_dir):
