@@ -37,6 +37,7 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "rmsnorm": False, "apply_residual_connection_post_layernorm": True, "post_layer_norm": True,
     "multi_query_group_num": None, "kv_channels": None, "add_bias_linear": True, "add_qkv_bias": False,
     "rotary_style": "neox", "partial_rotary_factor": 1.0, "sandwich_norm": False, "causal": False,
+    "additional_eos_token_ids": [],
 }
 OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False,
                                   "quantization_embedding_bit": 0, **ARCHITECTURE_DEFAULTS}
@@ -97,6 +98,8 @@ class GLMConfig:
     # GLM-4-0414 (Glm4ForCausalLM): an RMSNorm on each sublayer's output before the residual add.
     sandwich_norm: bool = False
     causal: bool = False  # plain causal attention, positions 0, 1, 2, ... (ChatGLM2 and later)
+    # More ids that end generation as eos_token_id does (GLM-4's config.json lists three).
+    additional_eos_token_ids: list[int] = field(default_factory=list)
     quantization_bit: int = 0
     quantization_group_size: int = 0
     # glmkit's: 8 stores the word embedding (and the tied output layer with it) as INT8 rows, one scale
@@ -162,11 +165,15 @@ class GLMConfig:
             raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
-        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id",
-                     *OPTIONAL_TOKEN_IDS):
+        # A causal model's positions ignore <sop> and the mask tokens, so only the ids it generates with are checked.
+        shaping = () if self.causal else ("bos_token_id", "mask_token_id", "gmask_token_id")
+        for name in (*shaping, "eos_token_id", "pad_token_id", *OPTIONAL_TOKEN_IDS):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
                 raise ConfigError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+        for token in self.additional_eos_token_ids:
+            if not 0 <= token < self.vocab_size:
+                raise ConfigError(f"eos id {token} is outside the vocabulary (vocab_size {self.vocab_size})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
@@ -183,8 +190,9 @@ class GLMConfig:
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
-        """The tokens that end a generated answer: <eop>, and GLM-130B's `</s>` too."""
-        return (self.eos_token_id,) if self.text_eos_token_id is None else (self.eos_token_id, self.text_eos_token_id)
+        """The tokens that end a generated answer: <eop>, GLM-130B's `</s>` too, and any further eos ids."""
+        more = () if self.text_eos_token_id is None else (self.text_eos_token_id,)
+        return (self.eos_token_id, *more, *self.additional_eos_token_ids)
 
     def to_dict(self) -> dict[str, Any]:
         """Keys GLM-130B added are written only when set, so ChatGLM-6B configs stay as they were."""
