@@ -114,3 +114,16 @@ def test_quantizing_while_loading_sees_internal_names(renamed_checkpoint):
     _, directory = renamed_checkpoint
     loaded = GLMForCausalLM.from_pretrained(directory, progress=False, quantize=8)
     assert isinstance(loaded.transformer.layers[1].attention.query_key_value, QuantizedLinear)
+
+
+def test_v1_configs_gain_no_keys_from_the_later_architectures(tmp_path):
+    """ChatGLM-6B and GLM-130B config.json stay as they were: the ChatGLM2-era switches are written only when set."""
+    from glmkit.models.config import ARCHITECTURE_DEFAULTS
+
+    for config in (preset("chatglm-6b"), preset("glm-130b"), tiny_config()):
+        data = config.to_dict()
+        assert not set(ARCHITECTURE_DEFAULTS) & set(data)
+        assert config.kv_heads == config.num_attention_heads and config.position_layout != "causal"
+    model = random_model(tiny_config())
+    out = model.save_pretrained(tmp_path / "v1")
+    assert json.loads((out / "config.json").read_text()) == model.config.to_dict()
