@@ -13,6 +13,7 @@ with what to do about it, before a half-filled model can be used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import shutil
@@ -173,16 +174,15 @@ def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.
 def read_all(directory: Path, family: Family, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(internal name, tensor) of every weight the family's checkpoint holds and glmkit uses."""
     files = weight_files(directory)
-    for path in tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2):
-        yield from internal_tensors(read_shard(path), family)
+    shards = tqdm(files, desc="loading shards", unit="shard", disable=not progress or len(files) < 2)
+    # One stream over every shard: a fused tensor's parts (transformers' q/k/v) may lie in different shards.
+    yield from internal_tensors((item for path in shards for item in read_shard(path)), family)
 
 
 def internal_tensors(tensors: Iterable[tuple[str, torch.Tensor]], family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's (name, tensor) pairs under glmkit's internal names: the one place names are mapped
     on the way in (save_model maps them back on the way out)."""
-    for name, tensor in tensors:
-        if not family.ignores(name):
-            yield family.internal_name(name), tensor
+    yield from family.internal_tensors(tensors)
 
 
 def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, dtype, device) -> None:
@@ -331,8 +331,7 @@ def _rank_sources(directory: Path, stored: int) -> list[list[Path]]:
 def _mapped(files: list[Path], family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     """(internal name, tensor) memory-mapped, nothing read until a slice is copied (.bin pickles: torch's
     mmap). Buffers glmkit recomputes are skipped here: they have no tensor-parallel layout."""
-    for path in files:
-        yield from internal_tensors(_mapped_file(path), family)
+    yield from internal_tensors((item for path in files for item in _mapped_file(path)), family)
 
 
 def _mapped_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -380,20 +379,26 @@ def save_model(
     remove_old_weights(directory)
     target = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype] if dtype else model.dtype
     family = families.family_of(model.config)
-    state = {
-        family.checkpoint_name(name): t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype)
-        .contiguous()
+    internal = (
+        (name, t.detach().to(device="cpu", dtype=target if t.is_floating_point() else t.dtype))
         for name, t in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name.startswith(f"{names.OUTPUT}."))
-    }
+    )
+    state = {name: t.contiguous() for name, t in family.checkpoint_tensors(internal, model.config)}
     plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, parse_size(max_shard_size))
     write_weights(directory, plan, state.__getitem__, safe_serialization)
-    config = GLMConfig.from_dict({**model.config.to_dict(), "torch_dtype": str(target).removeprefix("torch.")})
-    config.save(directory)
+    config = dataclasses.replace(model.config, torch_dtype=str(target).removeprefix("torch."))
+    write_config(config, directory, family)
     source = getattr(model, "name_or_path", None)
     if source:
         copy_tokenizer(Path(source), directory, family)
     return directory
+
+
+def write_config(config: GLMConfig, directory: Path, family: Family) -> None:
+    """config.json in the family's own keys (THUDM's, transformers', or glmkit's for ChatGLM-6B)."""
+    text = json.dumps(family.config_json(config), indent=2, ensure_ascii=False) + "\n"
+    (Path(directory) / "config.json").write_text(text, encoding="utf-8")
 
 
 def copy_tokenizer(source: Path, directory: Path, family: Family) -> None:

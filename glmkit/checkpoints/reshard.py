@@ -21,7 +21,15 @@ from safetensors.torch import save_file
 
 from glmkit import families
 from glmkit.checkpoints.files import SAFE_SINGLE, CheckpointError, remove_old_weights
-from glmkit.checkpoints.hf import TP_SIZE_KEY, copy_tokenizer, local_tensors, read_config, stored_tp_size, tp_file
+from glmkit.checkpoints.hf import (
+    TP_SIZE_KEY,
+    copy_tokenizer,
+    local_tensors,
+    read_config,
+    stored_tp_size,
+    tp_file,
+    write_config,
+)
 from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
@@ -43,11 +51,11 @@ def reshard(src: str | Path, dst: str | Path, tp: int) -> list[Path]:
     family = families.family_of(config)
     for rank, name in enumerate(names):
         tensors = local_tensors(src, config, rank, tp, for_compute=False)
-        state = {family.checkpoint_name(k): v.contiguous() for k, v in tensors}
+        state = {k: v.contiguous() for k, v in family.checkpoint_tensors(tensors, config)}
         save_file(state, str(dst / name), metadata={"format": "pt"})
         del state
     data = {k: v for k, v in config.to_dict().items() if k != TP_SIZE_KEY}
-    GLMConfig.from_dict({**data, **({TP_SIZE_KEY: tp} if tp > 1 else {})}).save(dst)
+    write_config(GLMConfig.from_dict({**data, **({TP_SIZE_KEY: tp} if tp > 1 else {})}), dst, family)
     copy_tokenizer(src, dst, family)
     return [dst / n for n in names]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from glmkit.families import chatglm6b, glm130b
+from glmkit.families import chatglm2, chatglm6b, glm130b, transformers_glm
 from glmkit.families.base import Family, UnknownFamilyError
 from glmkit.models.config import GLMConfig
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (chatglm6b.FAMILY, glm130b.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    chatglm6b.FAMILY, glm130b.FAMILY, chatglm2.FAMILY, transformers_glm.GLM, transformers_glm.GLM4)}
 
 __all__ = ["FAMILIES", "Family", "UnknownFamilyError", "detect", "family_of"]
 
@@ -37,9 +38,4 @@ def family_of(config: GLMConfig) -> Family:
 
 def _not_known(data: Mapping[str, Any]) -> str:
     found = f"model_type {data.get('model_type')!r}, architectures {data.get('architectures')!r}"
-    newer = [k for k in chatglm6b.NEWER_GENERATION_KEYS if k in data]
-    if data.get("model_type") in ("chatglm", "glm", "glm4") or newer:
-        keys = f" ({', '.join(newer)})" if newer else ""
-        return (f"this is a ChatGLM2/ChatGLM3/GLM-4 config{keys}: {found}; glmkit loads "
-                f"{' and '.join(FAMILIES)} so far")
-    return f"config.json describes no GLM family glmkit knows: {found}; glmkit loads {' and '.join(FAMILIES)}"
+    return f"config.json describes no GLM family glmkit knows: {found}; glmkit loads {', '.join(FAMILIES)}"

@@ -19,16 +19,28 @@ from typing import Any
 # the official code follow the same rule.
 OFFICIAL_ALPHA_DEPTH = 28
 
-# "gelu": ChatGLM-6B's tanh-approximated GELU; "geglu": GLM-130B's x1 * gelu(x2) with the exact erf GELU,
-# where dense_h_to_4h is twice inner_hidden_size wide. (ChatGLM2's "swiglu" comes with its issue.)
-MLP_TYPES = ("gelu", "geglu")
+# "gelu": ChatGLM-6B's tanh-approximated GELU; "geglu": GLM-130B's x1 * gelu(x2) with the exact erf GELU;
+# "swiglu": ChatGLM2/3 and GLM-4's silu(x1) * x2. The gated ones have dense_h_to_4h twice inner_hidden_size wide.
+MLP_TYPES = ("gelu", "geglu", "swiglu")
+# "neox": ChatGLM-6B / GLM-130B: the two halves of the rotated dims pair up, inv_freq rounded to fp16 as their
+# official code does; "interleaved": ChatGLM2/3, GLM-4 and transformers' glm/glm4: adjacent dims (2i, 2i+1) pair
+# up, angles in fp32 (GPT-J style), on the first partial_rotary_factor of each head.
+ROTARY_STYLES = ("neox", "interleaved")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 OPTIONAL_TOKEN_IDS = ("smask_token_id", "text_eos_token_id")
 # glmkit keys left out of config.json at these values (GLM-130B's additions).
+# The architecture switches of ChatGLM2 and later are written only when they differ from ChatGLM-6B's, so
+# ChatGLM-6B and GLM-130B configs stay byte for byte what they were.
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "rmsnorm": False, "apply_residual_connection_post_layernorm": True, "post_layer_norm": True,
+    "multi_query_group_num": None, "kv_channels": None, "add_bias_linear": True, "add_qkv_bias": False,
+    "rotary_style": "neox", "partial_rotary_factor": 1.0, "sandwich_norm": False, "causal": False,
+    "additional_eos_token_ids": [],
+}
 OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False,
-                                  "quantization_embedding_bit": 0}
+                                  "quantization_embedding_bit": 0, **ARCHITECTURE_DEFAULTS}
 
 
 class ConfigError(ValueError):
@@ -68,6 +80,26 @@ class GLMConfig:
     rotary_table_fp16: bool = False
     # Weight-only quantization of the block linears (glmkit/quant/quantize.py): 0 (none), 8 or 4, the
     # official key; the group size is glmkit's (0: one scale per row, as the official checkpoints).
+    # The architecture of ChatGLM2/ChatGLM3/GLM-4 (THUDM's config keys, which vLLM reads too; transformers'
+    # glm/glm4 configs are mapped onto them by their family). The defaults are ChatGLM-6B's.
+    rmsnorm: bool = False  # RMSNorm (weight only) instead of LayerNorm (weight and bias), everywhere
+    # True: the residual is the normalised input (times residual_alpha: DeepNorm, ChatGLM-6B); False: the block's
+    # input (pre-norm, ChatGLM2 and later; residual_alpha is not used).
+    apply_residual_connection_post_layernorm: bool = True
+    post_layer_norm: bool = True  # final_layernorm after the last block
+    # Key/value heads of grouped-query attention, with the fused QKV blockwise [all q | all k | all v]; None:
+    # one per query head, fused per head [q_h | k_h | v_h] (ChatGLM-6B, and THUDM's multi_query_attention false).
+    multi_query_group_num: int | None = None
+    kv_channels: int | None = None  # the head dim; None: hidden_size // num_attention_heads
+    add_bias_linear: bool = True  # bias on every block linear
+    add_qkv_bias: bool = False  # bias on query_key_value even without add_bias_linear
+    rotary_style: str = "neox"  # ROTARY_STYLES
+    partial_rotary_factor: float = 1.0  # the part of each head (of each half, in 2D) that rotates
+    # GLM-4-0414 (Glm4ForCausalLM): an RMSNorm on each sublayer's output before the residual add.
+    sandwich_norm: bool = False
+    causal: bool = False  # plain causal attention, positions 0, 1, 2, ... (ChatGLM2 and later)
+    # More ids that end generation as eos_token_id does (GLM-4's config.json lists three).
+    additional_eos_token_ids: list[int] = field(default_factory=list)
     quantization_bit: int = 0
     quantization_group_size: int = 0
     # glmkit's: 8 stores the word embedding (and the tied output layer with it) as INT8 rows, one scale
@@ -85,21 +117,44 @@ class GLMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: the GQA groups, or one per query head."""
+        return self.multi_query_group_num or self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head (of each half of it, with 2D positions) that rotate."""
+        return int((self.head_dim // 2 if self.position_encoding_2d else self.head_dim) * self.partial_rotary_factor)
 
     @property
     def position_layout(self) -> str:
         """The name of the model's position layout (glmkit.models.positions.LAYOUTS)."""
+        if self.causal:
+            return "causal"
         return "2d-prefix-lm" if self.position_encoding_2d else "1d-prefix-lm"
 
     def validate(self) -> None:
         """Fail at load time, naming the field, rather than deep inside a matmul."""
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         if self.position_encoding_2d and self.head_dim % 4:
             raise ConfigError(f"2D rotary positions need a head dim divisible by 4, got {self.head_dim}")
+        if self.multi_query_group_num is not None and (
+                self.multi_query_group_num < 1 or self.num_attention_heads % self.multi_query_group_num):
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"multi_query_group_num {self.multi_query_group_num} (the key/value heads)")
+        if self.rotary_style not in ROTARY_STYLES:
+            raise ConfigError(f"rotary_style {self.rotary_style!r} is not one of {ROTARY_STYLES}")
+        if self.rotary_dim % 2 or self.rotary_dim < 2 or self.partial_rotary_factor > 1:
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} of a head of {self.head_dim} "
+                              "does not give an even number of rotary dims")
+        if self.causal and self.position_encoding_2d:
+            raise ConfigError("causal models have 1D positions: set position_encoding_2d false")
         if self.mlp_type not in MLP_TYPES:
             raise ConfigError(f"mlp_type {self.mlp_type!r} is not one of {MLP_TYPES}")
         if self.quantization_bit not in (0, 4, 8):
@@ -110,11 +165,15 @@ class GLMConfig:
             raise ConfigError(f"pre_seq_len must be a positive number of prefix tokens or null, not {self.pre_seq_len}")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {DTYPES}")
-        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id",
-                     *OPTIONAL_TOKEN_IDS):
+        # A causal model's positions ignore <sop> and the mask tokens, so only the ids it generates with are checked.
+        shaping = () if self.causal else ("bos_token_id", "mask_token_id", "gmask_token_id")
+        for name in (*shaping, "eos_token_id", "pad_token_id", *OPTIONAL_TOKEN_IDS):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
                 raise ConfigError(f"{name} {token} is outside the vocabulary (vocab_size {self.vocab_size})")
+        for token in self.additional_eos_token_ids:
+            if not 0 <= token < self.vocab_size:
+                raise ConfigError(f"eos id {token} is outside the vocabulary (vocab_size {self.vocab_size})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
@@ -131,8 +190,9 @@ class GLMConfig:
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
-        """The tokens that end a generated answer: <eop>, and GLM-130B's `</s>` too."""
-        return (self.eos_token_id,) if self.text_eos_token_id is None else (self.eos_token_id, self.text_eos_token_id)
+        """The tokens that end a generated answer: <eop>, GLM-130B's `</s>` too, and any further eos ids."""
+        more = () if self.text_eos_token_id is None else (self.text_eos_token_id,)
+        return (self.eos_token_id, *more, *self.additional_eos_token_ids)
 
     def to_dict(self) -> dict[str, Any]:
         """Keys GLM-130B added are written only when set, so ChatGLM-6B configs stay as they were."""

@@ -1,22 +1,31 @@
-"""The GLM transformer as ChatGLM-6B and GLM-130B use it, read top to bottom.
+"""The GLM transformer as every GLM generation uses it, read top to bottom.
 
-    input_ids ─ word_embeddings ─┬─ GLMBlock x num_layers ─ final_layernorm ─ lm_head (tied) ─ logits
+    input_ids ─ word_embeddings ─┬─ GLMBlock x num_layers ─ final_layernorm ─ lm_head ─ logits
                                  │
-    GLMBlock (DeepNorm-style post-norm: the residual is the *normalised* input, scaled by alpha):
-        x = input_layernorm(h);          h = alpha * x + attention(x)
-        x = post_attention_layernorm(h); h = alpha * x + mlp(x)
+    GLMBlock (residual r(h, x): DeepNorm's alpha * x, the *normalised* input (ChatGLM-6B, GLM-130B), or h, the
+    block input (pre-norm: ChatGLM2/3, GLM-4); post_*_layernorm are GLM-4-0414's sandwich norms, else identity):
+        x = input_layernorm(h);          h = r(h, x) + post_self_attn_layernorm(attention(x))
+        x = post_attention_layernorm(h); h = r(h, x) + post_mlp_layernorm(mlp(x))
 
-    The two models differ only where the config says so (modules chosen in __init__):
-                          ChatGLM-6B                        GLM-130B
-        positions         2D rotary, each on half a head    1D rotary over the full head (position_encoding_2d)
-        rotary table      fp32 (fp16 in fp16 runs)          always fp16 (rotary_table_fp16)
-        mlp               gelu(tanh) of dense_h_to_4h        x1 * gelu(x2), [x1 | x2] = dense_h_to_4h (mlp_type)
-        alpha             sqrt(2 * 28) whatever the depth   sqrt(2 * num_layers) (residual_alpha)
+    The generations differ only where the config says so (modules chosen in __init__, no branches in forward):
+                     ChatGLM-6B              GLM-130B              ChatGLM2/3, GLM-4 (THUDM, glm)   GLM-4-0414 (glm4)
+    norm             LayerNorm               LayerNorm             RMSNorm (rmsnorm)                 RMSNorm
+    residual         alpha * x, sqrt(2*28)   alpha * x, sqrt(2L)   h (apply_residual_..._layernorm)  h
+    sandwich norms   -                       -                     -                                 yes (sandwich_norm)
+    attention        MHA, prefix-LM mask     MHA, prefix-LM mask   GQA, g = multi_query_group_num    GQA
+                                                                   KV heads, causal (causal)
+    fused QKV        per head [q_h|k_h|v_h]  per head              blockwise [Q | K | V]             blockwise
+    biases           every linear            every linear          QKV only (add_bias_linear, add_qkv_bias)
+    rotary           2D, NeoX halves on      1D, NeoX, full head,  1D, adjacent pairs on the first half of
+                     each half of the head   fp16 table            each head, base 10000 * rope_ratio (rotary_style,
+                                                                   partial_rotary_factor, rotary_base)
+    mlp              gelu(tanh)              x1 * gelu(x2)         silu(x1) * x2 (mlp_type swiglu)
+    output layer     tied                    tied                  untied (tie_word_embeddings)
 
-Parameter names are the official checkpoint's (`transformer.layers.0.attention.query_key_value`...),
-so loading is a plain state-dict copy. Activations are [batch, seq, hidden] (the official code uses
-[seq, batch, hidden]; the numbers are the same). Masks follow the official convention:
-bool, True = blocked.
+Parameter names are glmkit's internal ones, ChatGLM-6B's official names (`transformer.layers.0.attention.
+query_key_value`...; glmkit.models.names); each family maps its checkpoint's names onto them. Activations are
+[batch, seq, hidden] (the official code uses [seq, batch, hidden]; the numbers are the same). Masks follow the
+official convention: bool, True = blocked. The KV cache holds the key/value heads only (g under GQA).
 """
 
 from __future__ import annotations
@@ -72,6 +81,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+class InterleavedRotaryEmbedding(nn.Module):
+    """ChatGLM2/3, GLM-4 and transformers' glm/glm4: theta_i = base^(-2i/dim), angles p * theta_i in fp32,
+    cos/sin cast to the activations' dtype once (as the ChatGLM3/GLM-4 code and transformers do), each value
+    repeated for the two dims (2i, 2i+1) of its pair."""
+
+    def __init__(self, dim: int, base: float) -> None:
+        super().__init__()
+        self.dim, self.base = dim, base
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, S] -> cos, sin [B, S, 1, dim]."""
+        theta = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32)
+                                    / self.dim)
+        angles = (positions.float()[..., None] * theta).repeat_interleave(2, dim=-1)[:, :, None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J convention: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 class KVCache(nn.Module):
@@ -142,31 +174,87 @@ class Rope:
         return torch.cat([apply_rotary(x1, self.cos[0], self.sin[0]), apply_rotary(x2, self.cos[1], self.sin[1])], -1)
 
 
+@dataclass
+class PartialRope:
+    """Rotary tables for adjacent pairs on the first `cos.shape[-1]` dims of each head; the rest pass through."""
+
+    cos: torch.Tensor  # [B, S, 1, rotary_dim]
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        rotated, rest = x.split([self.cos.shape[-1], x.shape[-1] - self.cos.shape[-1]], dim=-1)
+        return torch.cat([rotated * self.cos + rotate_pairs(rotated) * self.sin, rest], dim=-1)
+
+
+class PerHeadQKV(nn.Module):
+    """ChatGLM-6B's fused projection, interleaved per head: [q_h | k_h | v_h] for each head h (as many KV heads
+    as query heads; the head count follows the tensor, so a tensor-parallel rank's share needs nothing else)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, S, H * 3D] -> q, k, v [B, S, H, D]."""
+        return qkv.unflatten(-1, (-1, 3 * self.head_dim)).split(self.head_dim, dim=-1)
+
+    def expand(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv
+
+
+class GroupedQKV(nn.Module):
+    """ChatGLM2 and later: blockwise [all query heads | g key heads | g value heads]; query head j reads KV head
+    j // (heads / g), so the cache holds g heads and they are repeated only for the attention product."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def forward(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, S, (H + 2g) * D] -> q [B, S, H, D], k, v [B, S, g, D]."""
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        return (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+
+    def expand(self, kv: torch.Tensor) -> torch.Tensor:
+        """[B, g, T, D] -> [B, H, T, D]."""
+        return kv.repeat_interleave(self.heads // self.kv_heads, dim=1)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.queries_per_kv_head = config.num_attention_heads // config.kv_heads
+        width, kv_width = config.num_attention_heads * self.head_dim, config.kv_heads * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, width + 2 * kv_width,
+                                         bias=config.add_bias_linear or config.add_qkv_bias)
+        self.dense = nn.Linear(width, config.hidden_size, bias=config.add_bias_linear)
+        self.qkv_layout = (PerHeadQKV(self.head_dim) if config.multi_query_group_num is None
+                           else GroupedQKV(config.num_attention_heads, config.kv_heads, self.head_dim))
         self.kv_cache: KVCache | None = None
+
+    @property
+    def num_kv_heads(self) -> int:
+        """This module's key/value heads (under tensor parallelism, the rank's share)."""
+        return self.num_heads // self.queries_per_kv_head
 
     def forward(self, x: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition,
                 prefix: torch.Tensor | None = None):
         batch, seq, _ = x.shape
-        # The fused projection is interleaved per head: [q_h | k_h | v_h] for each head h.
-        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [B, S, H, D]
+        q, k, v = self.qkv_layout(self.query_key_value(x))  # q [B, S, H, D]; k, v [B, S, g, D]
         q, k = rope.apply(q), rope.apply(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
         if self.kv_cache is not None and cache_position is not None:
-            k, v = self.kv_cache.update(cache_position, k, v)  # [B, H, T, D]
-        if prefix is not None:  # P-Tuning v2 keys/values [2, H, P, D], in front of everything, unrotated
+            k, v = self.kv_cache.update(cache_position, k, v)  # [B, g, T, D]
+        if prefix is not None:  # P-Tuning v2 keys/values [2, g, P, D], in front of everything, unrotated
             k = torch.cat([prefix[0].expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([prefix[1].expand(batch, -1, -1, -1), v], dim=2)
         # The official (layer_id + 1) query scaling cancels out; it only guards fp16 overflow, which
         # SDPA's fp32 accumulation already avoids.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = F.scaled_dot_product_attention(q, self.qkv_layout.expand(k), self.qkv_layout.expand(v),
+                                             attn_mask=allowed)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -181,36 +269,88 @@ class GeGLU(nn.Module):
         return x1 * F.gelu(x2)
 
 
+class SwiGLU(nn.Module):
+    """ChatGLM2 and later: x [..., 2 * inner] = [x1 | x2] -> silu(x1) * x2 (SiLU on the *first* half)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+
+ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="tanh"), "geglu": GeGLU, "swiglu": SwiGLU}
+
+
 class MLP(nn.Module):
-    """dense_h_to_4h -> activation -> dense_4h_to_h; GeGLU's up-projection is twice as wide."""
+    """dense_h_to_4h -> activation -> dense_4h_to_h; the gated MLPs' up-projection is twice as wide."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        geglu = config.mlp_type == "geglu"
-        width = 2 * config.inner_hidden_size if geglu else config.inner_hidden_size
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, width)
-        self.activation = GeGLU() if geglu else nn.GELU(approximate="tanh")
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        gated = config.mlp_type in ("geglu", "swiglu")
+        width = 2 * config.inner_hidden_size if gated else config.inner_hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear)
+        self.activation = ACTIVATIONS[config.mlp_type]()
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))
 
 
+class RMSNorm(nn.Module):
+    """THUDM's RMSNorm: x * rsqrt(mean(x^2) + eps) and the weight product in fp32, cast to x's dtype once."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x.float() * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def norm(config: GLMConfig) -> nn.Module:
+    """The model's norm: RMSNorm (rmsnorm) or LayerNorm."""
+    return (RMSNorm if config.rmsnorm else nn.LayerNorm)(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class NormedResidual(nn.Module):
+    """DeepNorm-style (ChatGLM-6B, GLM-130B): the residual is the normalised input, scaled by alpha."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * self.alpha
+
+
+class InputResidual(nn.Module):
+    """Pre-norm (ChatGLM2 and later): the residual is the sublayer's input."""
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return h
+
+
 class GLMBlock(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        self.alpha = config.residual_alpha
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.residual = (NormedResidual(config.residual_alpha) if config.apply_residual_connection_post_layernorm
+                         else InputResidual())
+        sandwich = (lambda: norm(config)) if config.sandwich_norm else nn.Identity
+        self.input_layernorm = norm(config)
         self.attention = SelfAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_self_attn_layernorm = sandwich()
+        self.post_attention_layernorm = norm(config)  # before the MLP (the name is ChatGLM-6B's)
         self.mlp = MLP(config)
+        self.post_mlp_layernorm = sandwich()
 
     def forward(self, h: torch.Tensor, rope: Rope, allowed: torch.Tensor | None, cache_position: CachePosition,
                 prefix: torch.Tensor | None = None):
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, allowed, cache_position, prefix)
+        h = self.residual(h, x) + self.post_self_attn_layernorm(self.attention(x, rope, allowed, cache_position,
+                                                                               prefix))
         x = self.post_attention_layernorm(h)
-        return x * self.alpha + self.mlp(x)
+        return self.residual(h, x) + self.post_mlp_layernorm(self.mlp(x))
 
 
 class PrefixEncoder(nn.Module):
@@ -224,11 +364,13 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         assert config.pre_seq_len, "PrefixEncoder needs config.pre_seq_len"
         self.pre_seq_len, self.num_layers = config.pre_seq_len, config.num_layers
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        width = config.num_layers * 2 * config.hidden_size
+        self.heads, self.head_dim = config.kv_heads, config.head_dim  # sized for the key/value heads
+        width = config.num_layers * 2 * config.kv_heads * config.head_dim
         if config.prefix_projection:
-            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
-            self.trans = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
+            # ChatGLM-6B projects from the hidden size; ChatGLM2/3 from the prefix's own width, through hidden.
+            source = config.hidden_size if config.multi_query_group_num is None else width
+            self.embedding = nn.Embedding(config.pre_seq_len, source)
+            self.trans = nn.Sequential(nn.Linear(source, config.hidden_size), nn.Tanh(),
                                        nn.Linear(config.hidden_size, width))
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, width)
@@ -237,7 +379,7 @@ class PrefixEncoder(nn.Module):
         self._cached: torch.Tensor | None = None
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
-        """[layers, 2, heads, pre_seq_len, head_dim]: layer i's keys at [i, 0], values at [i, 1]."""
+        """[layers, 2, kv heads, pre_seq_len, head_dim]: layer i's keys at [i, 0], values at [i, 1]."""
         if self.training or torch.is_grad_enabled():
             self._cached = None
             return self._compute(dtype)
@@ -269,13 +411,17 @@ class GLMTransformer(nn.Module):
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        rotary_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
-        self.rotary = RotaryEmbedding(rotary_dim, config.rotary_base, config.rotary_table_fp16)
+        self.final_layernorm = norm(config) if config.post_layer_norm else nn.Identity()
+        if config.rotary_style == "interleaved":
+            self.rotary = InterleavedRotaryEmbedding(config.rotary_dim, config.rotary_base)
+        else:
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, config.rotary_table_fp16)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | PartialRope:
         """position_ids [B, P, S] with P = 2 (position, block position) or 1."""
+        if isinstance(self.rotary, InterleavedRotaryEmbedding):
+            return PartialRope(*self.rotary(position_ids[:, 0], dtype))
         if self.config.position_encoding_2d:
             tables = [self.rotary(position_ids[:, i], dtype) for i in range(2)]
             return Rope(torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables]), two_d=True)
@@ -363,8 +509,9 @@ class GLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (the embedding table may be stored as int8)."""
-        return self.transformer.final_layernorm.weight.dtype
+        """The activations' dtype (the embedding table may be stored as int8): the norms'."""
+        norms = (self.transformer.final_layernorm, *(layer.input_layernorm for layer in self.transformer.layers))
+        return next(p.dtype for n in norms for p in n.parameters())
 
     def forward(
         self,
@@ -406,7 +553,7 @@ class GLM(nn.Module):
         c = self.config
         for layer in self.transformer.layers:
             layer.attention.kv_cache = KVCache(
-                batch_size, max_length, layer.attention.num_heads, c.head_dim, self.dtype, self.device
+                batch_size, max_length, layer.attention.num_kv_heads, c.head_dim, self.dtype, self.device
             )
 
     @contextmanager

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from glmkit import families
 from glmkit.models.modules import replace_module
 from glmkit.parallel.layout import merge_tensors, shard_dim, split_tensor
 from glmkit.quant.quantize import QuantizedLinear
@@ -108,8 +109,16 @@ def fail(error: BaseException) -> None:
     os._exit(3)
 
 
+def check_supported(config) -> None:
+    """Tensor parallelism splits ChatGLM-6B's layout (per-head QKV, GELU/GeGLU MLP) only, so far."""
+    if config.multi_query_group_num is not None or config.mlp_type == "swiglu" or config.sandwich_norm:
+        raise TPError(f"tensor parallelism does not split the {families.family_of(config).name} layout (grouped-query "
+                      "attention, SwiGLU) yet; run this model without --tp")
+
+
 def check_divisible(config, world_size: int) -> None:
     """Heads, MLP width and vocabulary must split evenly; say which one does not."""
+    check_supported(config)
     sizes = {"num_attention_heads": config.num_attention_heads, "inner_hidden_size": config.inner_hidden_size,
              "vocab_size": config.vocab_size}
     for name, size in sizes.items():

@@ -28,8 +28,14 @@ OFFICIAL_CHATGLM2_6B = {"architectures": ["ChatGLMModel"], "model_type": "chatgl
 OFFICIAL_GLM4_0414 = {"architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "num_hidden_layers": 40}
 
 
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+
+
 def test_official_and_glmkit_configs_find_their_family():
     assert detect(OFFICIAL_CHATGLM_6B).name == "chatglm-6b"
+    assert detect(OFFICIAL_CHATGLM2_6B).name == "chatglm2"  # same model_type, told apart by the GQA keys
+    assert detect(OFFICIAL_GLM4_0414).name == "glm4"
+    assert detect({**OFFICIAL_GLM4_0414, "model_type": "glm", "architectures": ["GlmForCausalLM"]}).name == "glm"
     assert detect({"hidden_size": 64}).name == "chatglm-6b"  # old glmkit directories wrote no model_type
     assert detect(preset("glm-130b").to_dict()).name == "glm-130b"
     assert family_of(tiny_config()).name == "chatglm-6b"
@@ -45,9 +51,8 @@ def test_every_family_names_a_layout_a_chat_format_and_its_tokenizer_files(name)
 
 
 @pytest.mark.parametrize("data, found", [
-    (OFFICIAL_CHATGLM2_6B, ["ChatGLM2", "multi_query_group_num", "padded_vocab_size"]),
-    (OFFICIAL_GLM4_0414, ["GLM-4", "'glm4'", "Glm4ForCausalLM"]),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, ["'llama'", "LlamaForCausalLM", "chatglm-6b"]),
+    (LLAMA, ["'llama'", "LlamaForCausalLM", "chatglm-6b", "chatglm2", "glm4"]),
+    ({"model_type": "glm5", "architectures": ["Glm5ForCausalLM"]}, ["'glm5'", "Glm5ForCausalLM"]),
     ([1, 2], ["list", "not an object"]),
 ])
 def test_an_unknown_family_is_one_error_naming_what_was_found(data, found):
@@ -58,10 +63,10 @@ def test_an_unknown_family_is_one_error_naming_what_was_found(data, found):
 
 
 def test_the_cli_says_so_in_one_line(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_GLM4_0414))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Glm4ForCausalLM" in err and "config.json" in err
+    assert len(err.splitlines()) == 1 and "LlamaForCausalLM" in err and "config.json" in err
 
 
 # ----- a family whose checkpoints use other names: the loader maps them, nothing else sees them
@@ -109,3 +114,16 @@ def test_quantizing_while_loading_sees_internal_names(renamed_checkpoint):
     _, directory = renamed_checkpoint
     loaded = GLMForCausalLM.from_pretrained(directory, progress=False, quantize=8)
     assert isinstance(loaded.transformer.layers[1].attention.query_key_value, QuantizedLinear)
+
+
+def test_v1_configs_gain_no_keys_from_the_later_architectures(tmp_path):
+    """ChatGLM-6B and GLM-130B config.json stay as they were: the ChatGLM2-era switches are written only when set."""
+    from glmkit.models.config import ARCHITECTURE_DEFAULTS
+
+    for config in (preset("chatglm-6b"), preset("glm-130b"), tiny_config()):
+        data = config.to_dict()
+        assert not set(ARCHITECTURE_DEFAULTS) & set(data)
+        assert config.kv_heads == config.num_attention_heads and config.position_layout != "causal"
+    model = random_model(tiny_config())
+    out = model.save_pretrained(tmp_path / "v1")
+    assert json.loads((out / "config.json").read_text()) == model.config.to_dict()
