@@ -15,17 +15,17 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from glmkit.eval.scoring import pack, part_a, score_packed
-from glmkit.families import family_of
 from glmkit.generation.generate import greedy_completions
 from glmkit.models.glm import GLM
+from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 
 
 def answer_batch(model: GLM, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers to a batch of chat records ({prompt, history})."""
-    fmt = family_of(model.config).chat_format
-    prompts = [tokenizer.encode(fmt.prompt(r["prompt"], [tuple(t) for t in r.get("history", [])])) for r in records]
-    answers = greedy_completions(model, prompts, max_new_tokens, (tokenizer.eos_token_id,))
+    fmt = chat_format_for(tokenizer)
+    prompts = [fmt.prompt_ids(tokenizer, r["prompt"], [tuple(t) for t in r.get("history", [])]) for r in records]
+    answers = greedy_completions(model, prompts, max_new_tokens, fmt.stop_ids(tokenizer))
     return [fmt.parse(tokenizer.decode(a)) for a in answers]
 
 
@@ -64,7 +64,7 @@ def exact_match(model: GLM, tokenizer: Tokenizer, records: Sequence[dict], batch
     for start in tqdm(range(0, len(ordered), batch_size), desc="evaluating", disable=not progress):
         batch = ordered[start:start + batch_size]
         for record, answer in zip(batch, answer_batch(model, tokenizer, batch, max_new_tokens), strict=True):
-            ok = answer == family_of(model.config).chat_format.parse(record["response"])
+            ok = answer == chat_format_for(tokenizer).parse(record["response"])
             for key in (f"{record['skill']}/{record['lang']}", "all"):
                 hits[key][0] += ok
                 hits[key][1] += 1

@@ -11,7 +11,6 @@ import torch
 
 from glmkit.models import names
 from glmkit.models.config import ConfigError, GLMConfig
-from glmkit.text.chat_format import ChatFormat
 from glmkit.text.protocol import Tokenizer
 
 
@@ -42,7 +41,6 @@ class Family:
     summary: str
     matches: Callable[[Mapping[str, Any]], bool]
     position_layout: str  # a name of glmkit.models.positions.LAYOUTS
-    chat_format: ChatFormat
     load_tokenizer: Callable[[Path], Tokenizer]
     tokenizer_files: tuple[str, ...]  # what travels with the weights when a model is saved
     # Checkpoint name prefix -> internal name prefix, applied in order when loading (inverted when saving).

@@ -19,8 +19,7 @@ from typing import Any
 from glmkit.families.base import Family
 from glmkit.families.chatglm6b import NEWER_GENERATION_KEYS
 from glmkit.models.config import ConfigError, GLMConfig
-from glmkit.text.chat_format import CHATGLM_6B
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.auto import AutoTokenizer
 
 ROPE_BASE = 10000.0
 GLM4_VOCAB = 151552  # padded_vocab_size of every GLM-4-9B release (ChatGLM2/3: 65024)
@@ -116,8 +115,7 @@ FAMILY = Family(
             "causal, untied output layer",
     matches=is_later_generation,
     position_layout="causal",
-    chat_format=CHATGLM_6B,  # TODO(issue 17): the family's own tokenizer and chat format (glmkit/text)
-    load_tokenizer=ChatGLMTokenizer.from_pretrained,  # TODO(issue 17): the family's own tokenizer (glmkit/text)
+    load_tokenizer=AutoTokenizer.from_pretrained,  # ChatGLM2, ChatGLM3 or GLM-4 by the files the repo ships
     tokenizer_files=("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"),
     renames=(("transformer.embedding.word_embeddings.", "transformer.word_embeddings."),
              ("transformer.encoder.layers.", "transformer.layers."),

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from glmkit.families.base import Family
-from glmkit.text.chat_format import CHATGLM_6B
 from glmkit.text.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
 
 # Keys only the later generations (ChatGLM2, ChatGLM3, GLM-4) write under the same model_type.
@@ -27,7 +26,6 @@ FAMILY = Family(
     summary="ChatGLM-6B: 2D positions, post-norm with DeepNorm's alpha, GELU, tied output layer",
     matches=lambda data: is_v1(data) and data.get("position_encoding_2d", True) is not False,
     position_layout="2d-prefix-lm",
-    chat_format=CHATGLM_6B,
     load_tokenizer=ChatGLMTokenizer.from_pretrained,
     tokenizer_files=TOKENIZER_FILES,
     ignored=(".rotary_emb.inv_freq",),  # the official checkpoint stores it; glmkit computes it

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from glmkit.families.base import Family
 from glmkit.families.chatglm6b import is_v1
-from glmkit.text.chat_format import CHATGLM_6B
 from glmkit.text.tokenizer import TOKENIZER_FILES, ChatGLMTokenizer
 
 FAMILY = Family(
@@ -17,7 +16,6 @@ FAMILY = Family(
     summary="GLM-130B: 1D positions, GeGLU, DeepNorm alpha by depth, fp16 rotary table",
     matches=lambda data: is_v1(data) and data.get("position_encoding_2d", True) is False,
     position_layout="1d-prefix-lm",
-    chat_format=CHATGLM_6B,
     load_tokenizer=ChatGLMTokenizer.from_pretrained,
     tokenizer_files=TOKENIZER_FILES,
     # SAT stores the rotary inv_freq (glmkit computes it) and a learned position table GLM-130B never uses.

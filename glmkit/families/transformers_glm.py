@@ -15,8 +15,7 @@ from typing import Any
 from glmkit.families.base import Family, Fusion
 from glmkit.families.chatglm2 import GLMKIT_KEYS, SPECIAL_IDS
 from glmkit.models.config import ConfigError, GLMConfig
-from glmkit.text.chat_format import CHATGLM_6B
-from glmkit.text.tokenizer import ChatGLMTokenizer
+from glmkit.text.auto import AutoTokenizer
 
 # transformers key -> GLMConfig field, where the names differ.
 RENAMED_KEYS = {"intermediate_size": "inner_hidden_size", "num_hidden_layers": "num_layers",
@@ -92,8 +91,7 @@ def _family(name: str, summary: str, sandwich: bool) -> Family:
         name=name, summary=summary,
         matches=lambda data: data.get("model_type") == name,
         position_layout="causal",
-        chat_format=CHATGLM_6B,  # TODO(issue 17): the family's own tokenizer and chat format (glmkit/text)
-        load_tokenizer=ChatGLMTokenizer.from_pretrained,  # TODO(issue 17): the family's own tokenizer (glmkit/text)
+        load_tokenizer=AutoTokenizer.from_pretrained,  # ChatGLM2, ChatGLM3 or GLM-4 by the files the repo ships
         tokenizer_files=TOKENIZER_FILES,
         renames=RENAMES, block_renames=BLOCK_RENAMES, fusions=(QKV,),
         read_config=_reader(name, sandwich), write_config=_writer(name),

@@ -1,7 +1,7 @@
 """Chat on top of generation: the model family's chat format, sampled answers, streamed as settled text.
 
 The official `chat`/`stream_chat` signatures and defaults, so code written for ChatGLM-6B runs as it is.
-The format itself (prompt, system text, reply clean-up, end tokens) is the family's `ChatFormat`.
+The format itself (prompt, system text, reply clean-up, end tokens) is the `ChatFormat` of the tokenizer's model.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from glmkit.families import family_of
 from glmkit.generation.beam import beam_search
 from glmkit.generation.generate import end_tokens, stream_tokens
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
-from glmkit.text.chat_format import ChatFormat
+from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.streaming import TextStream
 
@@ -22,10 +21,6 @@ History = list[tuple[str, str]]
 
 # The official chat() defaults; top_k 50 is Hugging Face generate's silent default, which applies too.
 CHAT_DEFAULTS: dict[str, Any] = dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
-
-
-def chat_format(model: GLM) -> ChatFormat:
-    return family_of(model.config).chat_format
 
 
 def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
@@ -65,7 +60,7 @@ def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: 
     kwargs.pop("logits_processor", None)  # the official API passes one; its rule is built in
     defaults = {**CHAT_DEFAULTS, "do_sample": False} if num_beams > 1 else CHAT_DEFAULTS
     options = {**defaults, **kwargs, "num_beams": num_beams}
-    return SamplingParams(**chat_format(model).sampling_ids(tokenizer), **options)
+    return SamplingParams(**chat_format_for(tokenizer).sampling_ids(tokenizer), **options)
 
 
 def stream_chat(
@@ -74,8 +69,8 @@ def stream_chat(
     """Yield (response so far, history including this turn), as the official stream_chat does."""
     history = list(history or [])
     params = chat_params(model, tokenizer, **kwargs)
-    fmt = chat_format(model)
-    prompt_ids = tokenizer.encode(fmt.prompt(query, history))
+    fmt = chat_format_for(tokenizer)
+    prompt_ids = fmt.prompt_ids(tokenizer, query, history)
     for text in stream_text(model, tokenizer, prompt_ids, params):
         response = fmt.parse(text)
         yield response, history + [(query, response)]

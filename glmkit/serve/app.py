@@ -25,12 +25,12 @@ from starlette.routing import Match
 from glmkit.engine import Engine
 from glmkit.engine.async_engine import AsyncEngine
 from glmkit.engine.protocol import EngineClient
-from glmkit.families import family_of
 from glmkit.models.glm import GLM
 from glmkit.serve.metrics import CONTENT_TYPE, UNMATCHED
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, LegacyRequest
 from glmkit.text.chat_format import ChatFormat
+from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -54,7 +54,7 @@ def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: st
                allowed_hosts: list[str] | None = None, metrics_public: bool = False) -> FastAPI:
     """The app over a new batching engine for `model`."""
     engine = start_engine(model, max_batch, max_queue)
-    return build_app(engine, tokenizer, family_of(model.config).chat_format, model_name,
+    return build_app(engine, tokenizer, chat_format_for(tokenizer), model_name,
                      model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins,
                      allowed_hosts=allowed_hosts, metrics_public=metrics_public)
 

@@ -68,8 +68,8 @@ class Serving:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
                            code="model_not_found", param="model")
 
-    def encode(self, prompt: str, max_tokens: int | None) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
+    def fit(self, ids: list[int], max_tokens: int | None) -> list[int]:
+        """The prompt's ids, if they and max_tokens fit the model's context."""
         if len(ids) >= self.context:
             raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {self.context}; "
                                 "shorten the messages", code="context_length_exceeded", param="messages")
@@ -159,9 +159,10 @@ class Serving:
 
     # ----- endpoints
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """The conversation as the model's chat format writes it, as ids (role tokens cannot come from text)."""
         try:
-            return self.chat_format.render([{"role": m.role, "content": m.text} for m in messages])
+            return self.chat_format.render_ids(self.tokenizer, [{"role": m.role, "content": m.text} for m in messages])
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from e
 
@@ -171,14 +172,14 @@ class Serving:
 
     async def completion(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         self.check_model(request.model)
-        return await self._respond(request, request.prompt, chat=False)
+        return await self._respond(request, self.tokenizer.encode(request.prompt), chat=False)
 
-    async def _respond(self, request: SamplingFields, prompt: str, chat: bool) -> dict | AsyncIterator[str]:
+    async def _respond(self, request: SamplingFields, prompt: list[int], chat: bool) -> dict | AsyncIterator[str]:
         """Chat answers get ChatGLM's clean-up (as model.chat does); plain completions are raw text."""
         if (name := request.unsupported()) is not None:
             raise APIError(400, f"{name} is not supported by this server; send the request without it",
                            code="unsupported_parameter", param=name)
-        ids = self.encode(prompt, request.max_tokens)
+        ids = self.fit(prompt, request.max_tokens)
         params = [self.params(request, i) for i in range(request.n)]  # n choices: n requests, batched together
         stop = request.stop_strings()
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -233,7 +234,10 @@ class Serving:
                                 f"tokens (prompt and answer together); send at most {self.context}, or leave it out",
                            code="context_length_exceeded", param="max_length")
         max_length = request.max_length or self.context
-        ids = self.encode(self.chat_format.prompt(request.prompt, request.history), None)
+        try:
+            ids = self.fit(self.chat_format.prompt_ids(self.tokenizer, request.prompt, request.history), None)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="history") from e
         if len(ids) >= max_length:
             raise APIError(400, f"the prompt has {len(ids)} tokens, which leaves no room under "
                                 f"max_length={max_length}", param="max_length")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from glmkit.families import family_of
 from glmkit.models.glm import GLM
 from glmkit.peft.adapters import LoraConfig, add_lora, add_prefix, save_adapter
 from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
+from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 from glmkit.training.loop import Batches, TrainConfig, sft_batches, train
 from glmkit.training.objectives import Example, Specials, chat_example
@@ -133,7 +133,7 @@ def chat_examples(records: Sequence[dict], tokenizer: Tokenizer, max_source_leng
     specials = Specials(ids=tokenizer.special_ids, eop=tokenizer.eos_token_id)
     examples, long_prompts, long_answers = [], 0, 0
     for r in records:
-        prompt_ids = tokenizer.encode(chat_format.prompt(r["prompt"], [tuple(t) for t in r["history"]]))
+        prompt_ids = chat_format.prompt_ids(tokenizer, r["prompt"], [tuple(t) for t in r["history"]])
         answer_ids = tokenizer.encode(r["response"], add_special_tokens=False)
         if len(prompt_ids) > max_source_length:  # keep [gMASK] <sop> and the most recent text
             long_prompts += 1
@@ -192,7 +192,7 @@ def finetune(model: GLM, tokenizer: Tokenizer, train_records: Sequence[dict], ou
     the adapter alone (LoRA, P-Tuning) or the whole model (full). Returns the final metrics."""
     check_fits(model, config)
     prepare(model, config)
-    fmt = family_of(model.config).chat_format
+    fmt = chat_format_for(tokenizer)
     examples = chat_examples(train_records, tokenizer, config.max_source_length, config.max_target_length, fmt)
     held: Batches | None = None
     if eval_records:

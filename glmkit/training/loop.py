@@ -100,7 +100,7 @@ def sft_examples(records: Sequence[dict], tokenizer: Tokenizer, specials: Specia
     out = []
     for r in records:
         history = [tuple(turn) for turn in r.get("history", [])]
-        prompt_ids = tokenizer.encode(chat_format.prompt(r["prompt"], history))
+        prompt_ids = chat_format.prompt_ids(tokenizer, r["prompt"], history)
         answer_ids = tokenizer.encode(r["response"], add_special_tokens=False)
         if len(prompt_ids) + len(answer_ids) + 1 <= max_len:
             out.append(chat_example(prompt_ids, answer_ids, specials))

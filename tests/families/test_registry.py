@@ -43,10 +43,9 @@ def test_official_and_glmkit_configs_find_their_family():
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_family_names_a_layout_a_chat_format_and_its_tokenizer_files(name):
+def test_every_family_names_a_layout_and_its_tokenizer_files(name):
     family = FAMILIES[name]
     assert family.position_layout in LAYOUTS
-    assert family.chat_format.prompt("hi")
     assert family.tokenizer_files and family.summary
 
 
@@ -74,7 +73,7 @@ def test_the_cli_says_so_in_one_line(tmp_path, capsys):
 RENAMED = Family(
     name="renamed-test", summary="ChatGLM-6B's model under other parameter names (a test family)",
     matches=lambda data: data.get("model_type") == "renamed-test",
-    position_layout="2d-prefix-lm", chat_format=CHATGLM_6B.chat_format, load_tokenizer=CHATGLM_6B.load_tokenizer,
+    position_layout="2d-prefix-lm", load_tokenizer=CHATGLM_6B.load_tokenizer,
     tokenizer_files=CHATGLM_6B.tokenizer_files,
     renames=(("model.encoder.blocks.", "transformer.layers."), ("model.", "transformer.")),
     ignored=(".extra_buffer",),

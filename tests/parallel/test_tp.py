@@ -13,7 +13,6 @@ import json
 import mmap
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from glmkit.quant import kernels
 from glmkit.quant.quantize import quantize_model
 
 from sat_files import glm130b_state, write_sat
+from servers import free_port
 from tiny import random_model, tiny_config, tiny_glm130b_config, write_chat_model, write_official_bin
 from tp_worker import PROMPTS
 
@@ -229,12 +229,6 @@ def test_a_rank_reads_only_its_slices_from_disk(tmp_path):
     # Half of every split tensor; a row-parallel weight's half rows (8 KB, 2 KB for attention.dense) are
     # not page-aligned in the file, so each touches a page more. Reading everything would be 100%.
     assert 0.45 * size < read < 0.62 * size, (read, size)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
