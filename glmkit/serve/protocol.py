@@ -79,21 +79,28 @@ class Message(Checked):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-def _check_temperature(value: float) -> float:
-    if 0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; a smaller one means the "
-                         "most likely token, which temperature 0 gives")
-    return value
+class SamplingChecks(Checked):
+    """What both APIs' sampling values must be beyond their ranges: a value the sampler cannot represent is a
+    400 naming the field, never a failed engine step."""
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; a smaller one means the "
+                             "most likely token, which temperature 0 gives")
+        return value
+
+    @field_validator("top_p", check_fields=False)
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        if value < MIN_TOP_P:
+            raise ValueError(f"top_p must be at least {MIN_TOP_P} (values smaller than that cannot be represented "
+                             "when sampling); use temperature 0 for the most likely token")
+        return value
 
 
-def _check_top_p(value: float) -> float:
-    if value < MIN_TOP_P:
-        raise ValueError(f"top_p must be at least {MIN_TOP_P} (values smaller than that cannot be represented when "
-                         "sampling); use temperature 0 for the most likely token")
-    return value
-
-
-class SamplingFields(Checked):
+class SamplingFields(SamplingChecks):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 means greedy; else in [{MIN_TEMPERATURE}, 2]",
                                json_schema_extra=TEMPERATURE_SCHEMA)
@@ -111,16 +118,6 @@ class SamplingFields(Checked):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        return _check_temperature(value)
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value: float) -> float:
-        return _check_top_p(value)
 
     def unsupported(self) -> str | None:
         """The first option this server cannot honour, if any."""
@@ -153,7 +150,7 @@ class CompletionRequest(SamplingFields):
     prompt: str
 
 
-class LegacyRequest(Checked):
+class LegacyRequest(SamplingChecks):
     """The original ChatGLM-6B api.py request; max_length is prompt + answer, at most the model's context
     (the default)."""
 
@@ -162,16 +159,6 @@ class LegacyRequest(Checked):
     max_length: int | None = Field(None, ge=1)
     top_p: float = Field(0.7, ge=MIN_TOP_P, le=1.0)
     temperature: float = Field(0.95, ge=0.0, le=2.0, json_schema_extra=TEMPERATURE_SCHEMA)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        return _check_temperature(value)
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value: float) -> float:
-        return _check_top_p(value)
 
 
 class ErrorDetail(BaseModel):
