@@ -6,8 +6,9 @@ config.json keys are THUDM's; the ones glmkit reads under other names are `padde
 `ffn_hidden_size` (inner_hidden_size), `seq_length` (max_sequence_length) and `rope_ratio` (rotary_base =
 10000 * rope_ratio). Everything else THUDM writes is kept as it was and written back.
 
-Told apart from ChatGLM-6B (same model_type) by the keys only the later generations write; which of the
-three generations a directory holds (`variant`) decides the tokenizer and chat format.
+Told apart from ChatGLM-6B (same model_type) by the keys only the later generations write. Which of the three
+generations a directory holds is told by its tokenizer files (glmkit.text.auto.AutoTokenizer), and the chat
+format travels with the tokenizer (glmkit.text.formats); `variant` reads the vocabulary's special ids from it.
 """
 
 from __future__ import annotations
