@@ -1,7 +1,7 @@
 """The public face of glmkit: the names ChatGLM and Hugging Face users already know.
 
 `GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
-`generate`, `chat`, `stream_chat`, `infill`, `save_pretrained`); each method delegates to the module that
+`generate`, `chat`, `stream_chat`, `process_response`, `infill`, `save_pretrained`); each method delegates to the module that
 owns the idea, so the model file stays a model file.
 """
 
@@ -23,6 +23,8 @@ from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
 from glmkit.peft.adapters import load_adapter
+from glmkit.text.chat_format import ChatFormat
+from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
@@ -69,6 +71,7 @@ class GLMForCausalLM(GLM):
                            quantize_embeddings=quantize_embeddings)
         if adapter is not None:
             load_adapter(model, adapter)
+        model.name_or_path = Path(path)
         return model
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
@@ -93,13 +96,45 @@ class GLMForCausalLM(GLM):
                              "call generate(..., num_beams=N), or stream_chat, which yields the answer once")
         return stream_tokens(self, [row.tolist() for row in input_ids], params)
 
-    def chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None, **kwargs: Any):
-        """The official signature: chat(tokenizer, query, history=[], max_length=2048, top_p=0.7, temperature=0.95)."""
-        return chat_lib.chat(self, tokenizer, query, history, **kwargs)
+    def chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None, role: str = "user",
+             **kwargs: Any) -> tuple[str | dict[str, Any], chat_lib.History]:
+        """The official signature of the tokenizer's family: ChatGLM-6B chat(tokenizer, query, history=[],
+        max_length=2048, top_p=0.7, temperature=0.95) with (query, response) tuples; ChatGLM2 the same with
+        max_length=8192, top_p=0.8, temperature=0.8; ChatGLM3/GLM-4 also `role=` ("user", "observation", ...)
+        and a history of role messages, the response as process_response returns it (a dict for a tool call)."""
+        self.chat_format = chat_format_for(tokenizer)
+        return chat_lib.chat(self, tokenizer, query, history, role, **kwargs)
 
     def stream_chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None,
-                    **kwargs: Any) -> Iterator[tuple[str, chat_lib.History]]:
-        return chat_lib.stream_chat(self, tokenizer, query, history, **kwargs)
+                    role: str = "user", **kwargs: Any) -> Iterator[tuple[str | dict[str, Any], chat_lib.History]]:
+        self.chat_format = chat_format_for(tokenizer)
+        return chat_lib.stream_chat(self, tokenizer, query, history, role, **kwargs)
+
+    def process_response(self, output: str, history: list[dict[str, Any]] | None = None,
+                         tokenizer: Tokenizer | None = None) -> Any:
+        """The official modeling process_response of the model's chat format: ChatGLM3/GLM-4 (response, history)
+        with one assistant message per segment and a tool call as {"name", "parameters"}; ChatGLM-6B/ChatGLM2 the
+        cleaned-up text alone (their official process_response(response) takes no history).
+
+        The format is the tokenizer's: `tokenizer`, else the one this model last chatted with or was loaded
+        with by glmkit.load, else the tokenizer in the directory it was loaded from."""
+        fmt = self._format_for_replies(tokenizer)
+        if chat_lib.has_roles(fmt):
+            return fmt.process_response(output, list(history or []))
+        return fmt.parse(output)
+
+    def _format_for_replies(self, tokenizer: Tokenizer | None) -> ChatFormat:
+        if tokenizer is not None:
+            return chat_format_for(tokenizer)
+        fmt = self.__dict__.get("chat_format")
+        if fmt is not None:
+            return fmt
+        path = self.__dict__.get("name_or_path")
+        if path is None:
+            raise ValueError("process_response needs the model's chat format: pass tokenizer=..., load the model "
+                             "with glmkit.load or from_pretrained, or chat with it first")
+        self.chat_format = chat_format_for(family_of(self.config).load_tokenizer(path))
+        return self.chat_format
 
     def infill(self, tokenizer: Tokenizer, text: str, **kwargs: Any) -> str:
         """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,
@@ -127,6 +162,7 @@ def load(
                                            adapter=adapter, tp=tp, tp_timeout=tp_timeout,
                                            quantize_embeddings=quantize_embeddings)
     tokenizer = family_of(model.config).load_tokenizer(path)
+    model.chat_format = chat_format_for(tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer in {path} has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "

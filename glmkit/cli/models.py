@@ -152,7 +152,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """A shape, not --model: bench builds random weights, so a 6B run needs no checkpoint."""
-    parser.add_argument("--shape", choices=["chatglm-6b", "tiny"], default="tiny")
+    parser.add_argument("--shape", choices=["chatglm-6b", "chatglm3-6b", "glm-4-9b", "tiny", "tiny-gqa"], default="tiny",
+                        help="chatglm3-6b and glm-4-9b: the ChatGLM2/3 and GLM-4-9B architecture (GQA, untied output)")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="weight-only INT8/INT4 block linears")
     add_embedding_args(parser, "--quantize-embeddings", "as built")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

@@ -1,7 +1,13 @@
 """Chat on top of generation: the model family's chat format, sampled answers, streamed as settled text.
 
-The official `chat`/`stream_chat` signatures and defaults, so code written for ChatGLM-6B runs as it is.
-The format itself (prompt, system text, reply clean-up, end tokens) is the `ChatFormat` of the tokenizer's model.
+The official `chat`/`stream_chat` signatures and defaults of each family, so code written for it runs as it is:
+ChatGLM-6B and ChatGLM2 keep a history of (query, response) tuples; ChatGLM3 and GLM-4 (the role-token formats)
+take `role=` and keep a history of {"role", "content"[, "metadata", "tools"]} messages, the reply going through
+the format's `process_response` (a tool call comes back as {"name", "parameters"}). The format itself (prompt,
+system text, reply clean-up, end tokens) is the `ChatFormat` of the tokenizer's model.
+
+Unlike the official ChatGLM3/GLM-4 chat(), which drops the last generated id whatever it is (pitfall 25), the
+answer here is every id before the first stop id: a reply cut by max_length keeps its last real token.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ from glmkit.generation.beam import beam_search
 from glmkit.generation.generate import end_tokens, stream_tokens
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+from glmkit.text.chat_format import ChatFormat, ChatFormatError
 from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.streaming import TextStream
 
-History = list[tuple[str, str]]
+# (query, response) tuples (ChatGLM-6B, ChatGLM2), or role messages {"role", "content", ...} (ChatGLM3, GLM-4).
+History = list[tuple[str, str]] | list[dict[str, Any]]
 
 # The official chat() defaults; top_k 50 is Hugging Face generate's silent default, which applies too.
 CHAT_DEFAULTS: dict[str, Any] = dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
+# ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat's chat(): max_length 8192, top_p 0.8, temperature 0.8 (spec 4.1, 4.2).
+_V2_DEFAULTS: dict[str, Any] = dict(max_length=8192, top_p=0.8, temperature=0.8)
+FAMILY_CHAT_DEFAULTS: dict[str, dict[str, Any]] = {"chatglm2": _V2_DEFAULTS, "chatglm3": _V2_DEFAULTS,
+                                                   "glm4": _V2_DEFAULTS}
 
 
 def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
@@ -58,27 +70,65 @@ def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: 
     """The official chat() options; with num_beams > 1 the chat default of sampling gives way to the search
     (asking for both explicitly is an error)."""
     kwargs.pop("logits_processor", None)  # the official API passes one; its rule is built in
-    defaults = {**CHAT_DEFAULTS, "do_sample": False} if num_beams > 1 else CHAT_DEFAULTS
+    fmt = chat_format_for(tokenizer)
+    defaults = {**CHAT_DEFAULTS, **FAMILY_CHAT_DEFAULTS.get(fmt.name, {})}
+    if num_beams > 1:
+        defaults["do_sample"] = False
     options = {**defaults, **kwargs, "num_beams": num_beams}
-    return SamplingParams(**chat_format_for(tokenizer).sampling_ids(tokenizer), **options)
+    return SamplingParams(**fmt.sampling_ids(tokenizer), **options)
+
+
+def has_roles(fmt: ChatFormat) -> bool:
+    """ChatGLM3 and GLM-4: role messages in the history, `role=`, the official process_response."""
+    return hasattr(fmt, "process_response")
+
+
+def role_history(history: History) -> list[dict[str, Any]]:
+    """A role format's history as message dicts (copied); (query, response) tuples become a user/assistant pair."""
+    messages: list[dict[str, Any]] = []
+    for item in history:
+        if isinstance(item, dict):
+            messages.append(dict(item))
+        else:
+            query, response = item
+            messages += [{"role": "user", "content": query}, {"role": "assistant", "metadata": "", "content": response}]
+    return messages
 
 
 def stream_chat(
-    model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, **kwargs: Any
-) -> Iterator[tuple[str, History]]:
-    """Yield (response so far, history including this turn), as the official stream_chat does."""
-    history = list(history or [])
+    model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, role: str = "user", **kwargs: Any
+) -> Iterator[tuple[str | dict[str, Any], History]]:
+    """Yield (response so far, history including this turn), as the official stream_chat does.
+
+    ChatGLM-6B/ChatGLM2: history + [(query, response)]. ChatGLM3/GLM-4: history + [{"role": role, "content":
+    query}] + one assistant message per reply segment, and the response as process_response gives it (text, or
+    {"name", "parameters"} for a tool call when history[0] is a system message with "tools")."""
     params = chat_params(model, tokenizer, **kwargs)
     fmt = chat_format_for(tokenizer)
-    prompt_ids = fmt.prompt_ids(tokenizer, query, history)
+    if not has_roles(fmt):
+        if role != "user":
+            raise ChatFormatError(f"{fmt.name}'s chat has no roles (role={role!r}): only user queries")
+        pairs = list(history or [])
+        prompt_ids = fmt.prompt_ids(tokenizer, query, pairs)
+        for text in stream_text(model, tokenizer, prompt_ids, params):
+            response = fmt.parse(text)
+            yield response, pairs + [(query, response)]
+        return
+    messages = role_history(history or [])
+    prompt_ids = fmt.prompt_ids(tokenizer, query, messages, role=role)
+    asked = [*messages, {"role": role, "content": query}]
     for text in stream_text(model, tokenizer, prompt_ids, params):
-        response = fmt.parse(text)
-        yield response, history + [(query, response)]
+        yield fmt.process_response(text, asked)
 
 
-def chat(model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, **kwargs: Any):
-    """One full answer: (response, history + [(query, response)])."""
-    response, new_history = "", list(history or []) + [(query, "")]
-    for response, new_history in stream_chat(model, tokenizer, query, history, **kwargs):  # noqa: B007
+def chat(model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, role: str = "user",
+         **kwargs: Any) -> tuple[str | dict[str, Any], History]:
+    """One full answer: (response, history with this turn), in the family's history shape (see stream_chat)."""
+    fmt = chat_format_for(tokenizer)
+    if has_roles(fmt):
+        response, new_history = fmt.process_response("", [*role_history(history or []), {"role": role, "content": query}])
+    else:
+        response, new_history = "", [*(history or []), (query, "")]
+    for response, new_history in stream_chat(model, tokenizer, query, history, role, **kwargs):  # noqa: B007
         pass
     return response, new_history

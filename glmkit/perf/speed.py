@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
 from glmkit.generation.generate import decode_one_token, prefill
 from glmkit.models.config import GLMConfig, preset
 from glmkit.models.modules import replace_module
@@ -36,11 +37,30 @@ from glmkit.quant.quantize import (
     record_quantization,
 )
 
+
+def thudm_shape(**overrides) -> GLMConfig:
+    """A THUDM config.json of the ChatGLM2/ChatGLM3/GLM-4-9B architecture (spec 1.2: hidden 4096, SwiGLU 13696,
+    32 heads of 128, 2 KV heads, untied output), read by the family as a real directory's would be."""
+    data = dict(model_type="chatglm", num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32,
+                kv_channels=128, multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=65024,
+                seq_length=8192, layernorm_epsilon=1e-5, rmsnorm=True, post_layer_norm=True, add_bias_linear=False,
+                add_qkv_bias=True, apply_residual_connection_post_layernorm=False, original_rope=True,
+                tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+    return THUDM_LAYOUT.config({**data, **overrides})
+
+
 SHAPES = {
     "chatglm-6b": lambda: preset("chatglm-6b"),
+    "chatglm3-6b": lambda: thudm_shape(),
+    "glm-4-9b": lambda: thudm_shape(num_layers=40, padded_vocab_size=151552, seq_length=131072, rope_ratio=500,
+                                    layernorm_epsilon=1.5625e-07, eos_token_id=[151329, 151336, 151338],
+                                    pad_token_id=151329),
     "tiny": lambda: GLMConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
                               inner_hidden_size=1024, max_sequence_length=1024, bos_token_id=4004,
                               eos_token_id=4005, mask_token_id=4000, gmask_token_id=4001, pad_token_id=3),
+    # The new architecture at the tiny size (GQA 4 heads / 2 KV heads, SwiGLU, untied): the plumbing of the two above.
+    "tiny-gqa": lambda: thudm_shape(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
+                                    kv_channels=64, padded_vocab_size=4096, seq_length=1024),
 }
 
 
@@ -126,10 +146,26 @@ def time_decode(model: GLMForCausalLM, new_tokens: int, prompt_len: int = 32) ->
     return steps
 
 
+def kv_cache_bytes_per_token(model: GLMForCausalLM, length: int = 16) -> int:
+    """The KV cache's bytes per token as allocated (every layer's keys and values, its KV heads only), measured
+    on the buffers decoding uses, not computed from the config."""
+    model.setup_kv_cache(1, length)
+    try:
+        total = sum(buf.numel() * buf.element_size() for layer in model.transformer.layers
+                    for buf in (layer.attention.kv_cache.k, layer.attention.kv_cache.v))
+    finally:
+        model.clear_kv_cache()
+    return total // length
+
+
 def random_prompt(config: GLMConfig, length: int) -> list[int]:
+    """`length` random ids with the family's [gMASK] sop: at the end (ChatGLM-6B), in front (the causal families;
+    left out where a tiny vocabulary has no such ids)."""
     g = torch.Generator().manual_seed(length)
-    body = torch.randint(10, min(config.vocab_size, config.mask_token_id), (length - 2,), generator=g).tolist()
-    return [*body, config.gmask_token_id, config.bos_token_id]
+    specials = [t for t in (config.gmask_token_id, config.bos_token_id) if t < config.vocab_size]
+    high = min(config.vocab_size, config.mask_token_id)
+    body = torch.randint(10, high, (length - len(specials),), generator=g).tolist()
+    return [*specials, *body] if config.causal else [*body, *specials]
 
 
 def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
@@ -155,7 +191,10 @@ def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: i
         "kernels": "glmkit native (int8 activations)" if bits and kernels.available() else "pytorch",
         "parameters": sum(p.numel() for p in model.parameters()) + quantized,
         "build_s": round(time.perf_counter() - start, 2),
+        "kv_heads": config.kv_heads,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
     }
+    result["kv_cache_values_per_token"] = result["kv_cache_bytes_per_token"] // model.dtype.itemsize
     time_prefill(model, 8, 1)  # warm-up: kernels pack their weights on first use
     result["prefill_tokens_per_s"] = {str(n): round(time_prefill(model, n, repeats), 2) for n in prompt_lens}
     steps = time_decode(model, new_tokens)
@@ -188,5 +227,6 @@ def report(results: list[dict], as_json: bool) -> str:
         prefill = ", ".join(f"{n} tok: {v} tok/s" for n, v in r["prefill_tokens_per_s"].items())
         lines.append(f"{r['shape']} {('int' + str(r['bits'])) if r['bits'] else r['dtype']}: decode "
                      f"{r['decode_ms_per_token']} ms/token ({r['decode_tokens_per_s']} tok/s); prefill {prefill}; "
-                     f"peak RSS {r['peak_rss_gib']} GiB" + (f"; load {r['load_s']} s" if "load_s" in r else ""))
+                     f"peak RSS {r['peak_rss_gib']} GiB; KV cache {r['kv_cache_bytes_per_token']} B/token"
+                     + (f"; load {r['load_s']} s" if "load_s" in r else ""))
     return "\n".join(lines)

@@ -24,6 +24,9 @@ import torch
 
 from glmkit.models.positions import SpecialIds
 from glmkit.text.batching import causal_batch, read_json, single_or_batch, write_json
+from glmkit.text.chat_format import CHATGLM2, ChatFormat
+from glmkit.text.chatglm3_format import CHATGLM3
+from glmkit.text.replies import ParsesReplies
 from glmkit.text.tokenizer import BatchEncoding, _id_list, _pair_up
 
 VOCAB_FILE = "tokenizer.model"
@@ -34,12 +37,14 @@ CHATGLM3_SPECIALS = (*CHATGLM2_SPECIALS, *ROLE_TOKENS)
 CHATGLM3_ROLES = ("system", "user", "assistant", "observation")
 
 
-class ChatGLM2Tokenizer:
+class ChatGLM2Tokenizer(ParsesReplies):
     """ChatGLM2-6B's tokenizer (the official `tokenization_chatglm.py` behaviours, without transformers).
 
     Ids: the SentencePiece pieces (`<unk>` 0 = pad, `<s>` 1, `</s>` 2 = eos, byte pieces from 3), then the
     specials in `SPECIALS` order. `encode` prepends `[gMASK] sop`; decode drops every special (ChatGLM2's rule).
     """
+
+    reply_format: ClassVar[ChatFormat] = CHATGLM2
 
     family: ClassVar[str] = "chatglm2"
     SPECIALS: ClassVar[tuple[str, ...]] = CHATGLM2_SPECIALS
@@ -232,6 +237,8 @@ class ChatGLM2Tokenizer:
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     """ChatGLM3-6B's tokenizer: ChatGLM2's plus the role tokens, a decode that keeps specials as their text,
     and the message-by-message prompt builder (`build_single_message`, `build_chat_input`)."""
+
+    reply_format: ClassVar[ChatFormat] = CHATGLM3
 
     family: ClassVar[str] = "chatglm3"
     SPECIALS: ClassVar[tuple[str, ...]] = CHATGLM3_SPECIALS

@@ -12,22 +12,28 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tokenizers import Tokenizer as FastTokenizer
 
 from glmkit.models.positions import SpecialIds
 from glmkit.text.batching import causal_batch, read_json, single_or_batch, write_json
+from glmkit.text.chat_format import ChatFormat
 from glmkit.text.chat_template import ChatTemplateMixin
+from glmkit.text.glm4_format import GLM4
+from glmkit.text.replies import ParsesReplies
 from glmkit.text.tokenizer import BatchEncoding, _id_list
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
-class GLMFastTokenizer(ChatTemplateMixin):
+class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
     """A GLM-4 family fast tokenizer: ids, decode and specials from `tokenizer.json`, eos/pad and the chat
     template from `tokenizer_config.json`."""
+
+    reply_format: ClassVar[ChatFormat] = GLM4
 
     family = "glm4"
 

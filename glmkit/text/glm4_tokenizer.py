@@ -15,14 +15,17 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tiktoken
 import torch
 
 from glmkit.models.positions import SpecialIds
 from glmkit.text.batching import causal_batch, read_json, single_or_batch, write_json
+from glmkit.text.chat_format import ChatFormat
 from glmkit.text.chat_template import GLM4_CHAT_TEMPLATE, ChatTemplateMixin
+from glmkit.text.glm4_format import GLM4
+from glmkit.text.replies import ParsesReplies
 from glmkit.text.tokenizer import BatchEncoding, _id_list
 
 VOCAB_FILE = "tokenizer.model"
@@ -72,8 +75,10 @@ def specials_from_config(config: Mapping[str, Any], first_id: int) -> dict[str, 
     return specials
 
 
-class GLM4Tokenizer(ChatTemplateMixin):
+class GLM4Tokenizer(ChatTemplateMixin, ParsesReplies):
     """glm-4-9b-chat's `ChatGLM4Tokenizer` (tiktoken ranks + GLM-4 specials + the repo's chat template)."""
+
+    reply_format: ClassVar[ChatFormat] = GLM4
 
     family = "glm4"
 

@@ -22,12 +22,14 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import sentencepiece as spm
 import torch
 
 from glmkit.models.positions import SpecialIds, padded_layout
+from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
+from glmkit.text.replies import ParsesReplies
 
 VOCAB_FILE = "ice_text.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -100,13 +102,15 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
-class ChatGLMTokenizer:
+class ChatGLMTokenizer(ParsesReplies):
     """ChatGLM-6B's tokenizer over a SentencePiece model (`ice_text.model`).
 
     Ids are SentencePiece ids plus `num_image_tokens` (20000 in the first release, 0 since).
     Decoding drops pads, image tokens and ids past the vocabulary (the released embedding has
     padding rows there), and control pieces decode to nothing.
     """
+
+    reply_format: ClassVar[ChatFormat] = CHATGLM_6B
 
     def __init__(self, vocab_file: str | os.PathLike, num_image_tokens: int = 0, max_blank_length: int = 80) -> None:
         if num_image_tokens < 0:

@@ -41,3 +41,32 @@ def test_bench_builds_an_int4_table_when_asked(capsys):
                  "--new-tokens", "2", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["results"][0]["embedding_bits"] == 4 and report["machine"]["native_kernels"] in (None, "avx2", "avx512")
+
+
+def test_the_new_shapes_are_the_released_architectures():
+    from glmkit.perf.speed import kv_cache_bytes_per_token
+
+    chatglm3, glm4 = SHAPES["chatglm3-6b"](), SHAPES["glm-4-9b"]()
+    for config, layers, vocab in [(chatglm3, 28, 65024), (glm4, 40, 151552)]:
+        assert (config.num_layers, config.vocab_size, config.kv_heads, config.head_dim) == (layers, vocab, 2, 128)
+        assert (config.hidden_size, config.inner_hidden_size, config.num_attention_heads) == (4096, 13696, 32)
+        assert config.causal and not config.tie_word_embeddings
+    assert glm4.rotary_base == 10000.0 * 500
+    # the KV cache holds the 2 KV heads only: 2 (k, v) * layers * 2 heads * 128 values per token
+    model = random_model(SHAPES["tiny-gqa"](), torch.bfloat16, bits=4)
+    config = model.config
+    assert kv_cache_bytes_per_token(model) == 2 * config.num_layers * 2 * config.head_dim * 2  # bf16
+    assert isinstance(model.transformer.layers[0].attention.query_key_value, QuantizedLinear)
+    assert model.lm_head.weight is not model.transformer.word_embeddings.weight  # untied, as released
+
+
+def test_bench_runs_the_new_architecture_at_tiny_size(capsys):
+    assert main(["bench", "--shape", "tiny-gqa", "--bits", "4", "--dtype", "bfloat16", "--prompt-len", "16",
+                 "--new-tokens", "3", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["shape"] == "tiny-gqa" and result["kv_heads"] == 2
+    assert result["kv_cache_values_per_token"] == 2 * 2 * 2 * 64 and result["kv_cache_bytes_per_token"] == 1024
+    assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"]["16"] > 0
+    assert main(["bench", "--shape", "tiny-gqa", "--bits", "8", "--quantize-embeddings", "--prompt-len", "8",
+                 "--new-tokens", "2", "--repeats", "1"]) == 0
+    assert "KV cache 2048 B/token" in capsys.readouterr().out  # fp32 activations: 4 bytes a value

@@ -48,7 +48,8 @@ def test_load_picks_the_chatglm3_tokenizer_and_chat_feeds_build_chat_input(chatg
     tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
     response, new_history = model.chat(tokenizer, "how are you", history, do_sample=False, max_length=len(expected) + 12)
     assert response == CHATGLM3.parse(tokenizer.decode(tokens))
-    assert response and new_history[-1] == ("how are you", response)
+    assert response and new_history[-2:] == [{"role": "user", "content": "how are you"},
+                                             {"role": "assistant", "metadata": "", "content": response}]
 
 
 def test_the_server_answers_in_the_tokenizers_chat_format(chatglm3_model):
