@@ -1,12 +1,15 @@
 """Tensor parallelism, Megatron style, on torch.distributed (launched by torchrun): a pass over the model.
 
     word_embeddings   vocab-parallel: rank r holds ids [r*V/N, (r+1)*V/N); an all-reduce sums the lookups
-    query_key_value   column-parallel: rank r holds heads [r*H/N, (r+1)*H/N) (rows are grouped per head)
+    query_key_value   column-parallel: rank r holds heads [r*H/N, (r+1)*H/N) (ChatGLM-6B: rows grouped per head;
+                      grouped-query attention: [Q_r | K_r | V_r], its query heads and the KV heads they read,
+                      split when N divides the g KV heads, one replicated per rank when N is a multiple of g)
     attention.dense   row-parallel: its input is the rank's heads; an all-reduce sums the partial outputs
-    dense_h_to_4h     column-parallel (GeGLU: [x1_r; x2_r], see tp_layout)
+    dense_h_to_4h     column-parallel (GeGLU, SwiGLU: [x1_r; x2_r], see parallel.layout)
     dense_4h_to_h     row-parallel, all-reduce
-    lm_head (tied)    vocab-parallel logits, all-gathered so every rank holds the full logits
-    norms, biases of row-parallel layers: replicated (the bias is added by rank 0 only, before the sum)
+    lm_head           vocab-parallel logits (tied or not), all-gathered so every rank holds the full logits
+    norms (LayerNorm, RMSNorm, sandwich norms), biases of row-parallel layers: replicated (the bias is added by
+    rank 0 only, before the sum; the grouped-query families have none)
 
 The model is built on the meta device, `apply_tp` gives its layers their local shapes and divided head
 counts, and the loader fills them with the rank's slices only (checkpoint.load_model). Every rank ends
@@ -34,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from glmkit import families
+from glmkit.models.glm import GroupedQKV
 from glmkit.models.modules import replace_module
-from glmkit.parallel.layout import merge_tensors, shard_dim, split_tensor
+from glmkit.parallel.layout import kv_heads_per_rank, local_rows, merge_tensors, shard_dim, split_tensor
 from glmkit.quant.quantize import QuantizedLinear
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -109,22 +112,21 @@ def fail(error: BaseException) -> None:
     os._exit(3)
 
 
-def check_supported(config) -> None:
-    """Tensor parallelism splits ChatGLM-6B's layout (per-head QKV, GELU/GeGLU MLP) only, so far."""
-    if config.multi_query_group_num is not None or config.mlp_type == "swiglu" or config.sandwich_norm:
-        raise TPError(f"tensor parallelism does not split the {families.family_of(config).name} layout (grouped-query "
-                      "attention, SwiGLU) yet; run this model without --tp")
-
-
 def check_divisible(config, world_size: int) -> None:
-    """Heads, MLP width and vocabulary must split evenly; say which one does not."""
-    check_supported(config)
+    """Heads, MLP width and vocabulary must split evenly, and the KV heads split or replicate evenly; say which
+    one does not (in one line)."""
     sizes = {"num_attention_heads": config.num_attention_heads, "inner_hidden_size": config.inner_hidden_size,
              "vocab_size": config.vocab_size}
     for name, size in sizes.items():
         if size % world_size:
             raise TPError(f"{name} {size} does not divide by --tp {world_size}; choose a tensor-parallel size that "
                           f"divides {', '.join(f'{k} {v}' for k, v in sizes.items())}")
+    if config.multi_query_group_num is not None:
+        kv = config.kv_heads
+        if kv % world_size and world_size % kv:
+            raise TPError(f"multi_query_group_num {kv} (KV heads) neither divides by --tp {world_size} nor divides "
+                          f"it; choose a tensor-parallel size that divides {kv} (KV heads split) or a multiple of "
+                          f"{kv} that divides num_attention_heads {config.num_attention_heads} (KV heads replicated)")
 
 
 def check_quantized_groups(model: nn.Module, bits: int, group_size: int, world_size: int) -> None:
@@ -166,10 +168,10 @@ def _gather_vocab(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _local_linear(linear: nn.Linear, dim: int, world_size: int) -> nn.Linear:
+def _local_linear(name: str, linear: nn.Linear, dim: int, world_size: int, config) -> nn.Linear:
     """An empty (meta) Linear with the rank's share of the output (dim 0) or input (dim 1) features."""
     out_f, in_f = linear.out_features, linear.in_features
-    out_f, in_f = (out_f // world_size, in_f) if dim == 0 else (out_f, in_f // world_size)
+    out_f, in_f = (local_rows(name, out_f, config, world_size), in_f) if dim == 0 else (out_f, in_f // world_size)
     return nn.Linear(in_f, out_f, bias=linear.bias is not None, device="meta")
 
 
@@ -182,10 +184,16 @@ def apply_tp(model: nn.Module, rank_: int, world_size: int) -> nn.Module:
     check_divisible(config, world_size)
     for name, module in list(model.named_modules()):
         for attr, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and (dim := shard_dim(f"{name}.{attr}.weight".lstrip("."))) is not None:
-                replace_module(module, attr, _local_linear(child, dim, world_size))
+            weight = f"{name}.{attr}.weight".lstrip(".")
+            if isinstance(child, nn.Linear) and (dim := shard_dim(weight)) is not None:
+                replace_module(module, attr, _local_linear(weight, child, dim, world_size, config))
     for layer in model.transformer.layers:
-        layer.attention.num_heads //= world_size
+        attention = layer.attention
+        kv_heads = kv_heads_per_rank(attention.num_kv_heads, world_size)
+        attention.num_heads //= world_size
+        attention.queries_per_kv_head = attention.num_heads // kv_heads
+        if isinstance(attention.qkv_layout, GroupedQKV):
+            attention.qkv_layout.heads, attention.qkv_layout.kv_heads = attention.num_heads, kv_heads
         layer.attention.register_forward_hook(_all_reduce)
         layer.mlp.register_forward_hook(_all_reduce)
     embedding = VocabParallelEmbedding(config.vocab_size // world_size, config.hidden_size, device="meta")

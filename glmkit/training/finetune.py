@@ -5,7 +5,9 @@ Data is JSONL in any of the formats ChatGLM and OpenAI users already have, one r
     {"prompt": ..., "response": ..., "history": [[q, a], ...]}   the official multi-turn format
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}   OpenAI's
 Every record becomes `prompt [gMASK] <sop> answer <eop>` in the model's chat format (the one chat()
-sends, so the model is trained on what it will see), with the loss on the answer only. An OpenAI
+sends, so the model is trained on what it will see), with the loss on the answer only. The causal families
+(ChatGLM2/3, GLM-4: their formats put `[gMASK] sop` first) train `prompt answer </s>` causally, with the loss
+on the answer and the end token, as their official P-Tuning v2 and LoRA recipes do (spec 5.1). An OpenAI
 conversation gives one example per assistant message, each with the turns before it as history.
 
 The loop is glmkit's training loop (train.py): what a method changes is which parameters train.
@@ -27,7 +29,7 @@ from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
 from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 from glmkit.training.loop import Batches, TrainConfig, sft_batches, train
-from glmkit.training.objectives import Example, Specials, chat_example
+from glmkit.training.objectives import IGNORE, Example, Specials, chat_example
 
 log = logging.getLogger("glmkit.training.finetune")
 METHODS = ("ptuning", "lora", "full")
@@ -141,7 +143,8 @@ def chat_examples(records: Sequence[dict], tokenizer: Tokenizer, max_source_leng
         if len(answer_ids) > max_target_length - 1:  # room for <eop>
             long_answers += 1
             answer_ids = answer_ids[:max_target_length - 1]
-        examples.append(chat_example(prompt_ids, answer_ids, specials))
+        examples.append(chat_example(prompt_ids, answer_ids, specials) if chat_format is CHATGLM_6B
+                        else causal_chat_example(prompt_ids, answer_ids, specials.eop))
     if long_answers:
         log.warning("%d of %d answers are longer than --max-target-length %d tokens and were cut; raise it to "
                     "train on them whole", long_answers, len(records), max_target_length)
@@ -149,6 +152,14 @@ def chat_examples(records: Sequence[dict], tokenizer: Tokenizer, max_source_leng
         log.warning("%d of %d prompts are longer than --max-source-length %d tokens and lost their beginning",
                     long_prompts, len(records), max_source_length)
     return examples
+
+
+def causal_chat_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], eos: int) -> Example:
+    """`prompt answer </s>`, causal, positions from 0: position i predicts token i + 1, so the prompt's last token
+    predicts the answer's first, and the answer's last predicts the end token."""
+    ids = [*prompt_ids, *answer_ids]
+    labels = [IGNORE] * (len(prompt_ids) - 1) + [*answer_ids, eos]
+    return Example(ids, labels, list(range(len(ids))), [0] * len(ids), 0)
 
 
 def prepare(model: GLM, config: FinetuneConfig) -> None:

@@ -79,7 +79,9 @@ def test_weight_only_quantization_matches_rounded_weights(model, bits):
     assert (quantized - reference).abs().max() / scale < 0.05
 
 
-def test_tensor_parallelism_refuses_the_layout_in_one_line(model):
-    with pytest.raises(tp_lib.TPError, match="chatglm2 layout") as error:
-        tp_lib.check_divisible(model.config, 2)
+def test_tensor_parallelism_takes_the_layout_and_refuses_sizes_that_do_not_divide_in_one_line(model):
+    for tp in (1, 2, 4):  # 2 KV heads: split at 2, replicated at 4 (tests/parallel/test_tp.py runs them)
+        tp_lib.check_divisible(model.config, tp)
+    with pytest.raises(tp_lib.TPError, match="num_attention_heads 4 does not divide by --tp 3") as error:
+        tp_lib.check_divisible(model.config, 3)
     assert len(str(error.value).splitlines()) == 1

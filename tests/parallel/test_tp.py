@@ -30,6 +30,7 @@ from glmkit.parallel.tp import TPError
 from glmkit.quant import kernels
 from glmkit.quant.quantize import quantize_model
 
+from layouts import hf_config, thudm_config
 from sat_files import glm130b_state, write_sat
 from servers import free_port
 from tiny import random_model, tiny_config, tiny_glm130b_config, write_chat_model, write_official_bin
@@ -42,7 +43,13 @@ CASES_TP2 = {
     "chatglm-int8-on-load": "chatglm:8", "glm130b-int4-on-load-per-row": "glm130b:4:0",
     "glm130b-int4-stored-group32": "glm130b-int4", "chatglm-int8-stored": "chatglm-int8",
     "chatglm-resharded-tp2": "chatglm-tp2", "glm130b-sat-mp4": "sat-mp4",
+    # grouped-query attention (ChatGLM2/3, GLM-4): 4 query heads; 2 KV heads split over 2 ranks, 1 replicated
+    "chatglm3-gqa-kv-split": "chatglm3", "chatglm3-gqa-kv-replicated": "chatglm3-kv1",
+    "glm4-0414-hf-sandwich": "glm4-0414", "chatglm3-int8-on-load": "chatglm3:8",
+    "chatglm3-resharded-tp2": "chatglm3-tp2",
 }
+# TP=4 over 2 KV heads: every rank keeps a copy of the one KV head its query head reads.
+CASES_TP4_GQA = {"chatglm3-gqa-kv-replicated": "chatglm3", "chatglm3-resharded-tp2-split-further": "chatglm3-tp2"}
 CASES_TP4 = {
     "chatglm-fp32": "chatglm", "glm130b-fp32": "glm130b", "chatglm-int8-on-load": "chatglm:8",
     "glm130b-int4-on-load-per-row": "glm130b:4:0", "chatglm-resharded-tp2": "chatglm-tp2",
@@ -88,6 +95,15 @@ def models(tmp_path_factory) -> Path:
     sat_config = tiny_glm130b_config()  # official SAT shards at MP 4, with a config.json beside `latest`
     write_sat(glm130b_state(sat_config), sat_config, out / "sat-mp4", 4)
     sat_config.save(out / "sat-mp4")
+    from glmkit.families import chatglm2, transformers_glm
+
+    gqa = chatglm2.FAMILY.config(thudm_config(padded_vocab_size=256))  # 4 query heads, 2 KV heads, SwiGLU, untied
+    random_model(gqa, seed=6).save_pretrained(out / "chatglm3")
+    random_model(chatglm2.FAMILY.config(thudm_config(padded_vocab_size=256, multi_query_group_num=1)),
+                 seed=7).save_pretrained(out / "chatglm3-kv1")
+    random_model(transformers_glm.GLM4.config(hf_config("glm4", vocab_size=256)), seed=8).save_pretrained(
+        out / "glm4-0414")
+    assert cli_main(["reshard", str(out / "chatglm3"), str(out / "chatglm3-tp2"), "--tp", "2"]) == 0
     return out
 
 
@@ -144,6 +160,25 @@ def test_tp2_matches_tp1_for_every_architecture_and_precision(models, tmp_path):
     assert shapes["transformer.layers.0.input_layernorm.weight"] == (64,)
 
 
+def test_tp2_splits_the_grouped_query_layout(models, tmp_path):
+    """The GQA rows of a rank: its 2 query heads and its own KV head (2 KV heads) or a copy of the one (1)."""
+    results = run_cases(models, 2, {k: CASES_TP2[k] for k in ("chatglm3-gqa-kv-split", "chatglm3-gqa-kv-replicated")},
+                        tmp_path)
+    for name, kv_rows in (("chatglm3-gqa-kv-split", 16), ("chatglm3-gqa-kv-replicated", 16)):
+        shapes = results[name]["ranks"][1]["shapes"]
+        assert shapes["transformer.layers.0.attention.query_key_value.weight"] == (2 * 16 + 2 * kv_rows, 64)
+        assert shapes["transformer.layers.0.attention.dense.weight"] == (64, 32)
+        assert shapes["transformer.layers.0.mlp.dense_h_to_4h.weight"] == (96, 64)  # [gate_r; up_r] of ffn 96
+        assert shapes["lm_head.weight"] == (128, 64)  # untied, vocab-parallel
+
+
+def test_tp4_replicates_kv_heads_and_matches_tp1(models, tmp_path):
+    results = run_cases(models, 4, CASES_TP4_GQA, tmp_path)
+    check_against_tp1(models, results, CASES_TP4_GQA, 4)
+    shapes = results["chatglm3-gqa-kv-replicated"]["ranks"][3]["shapes"]
+    assert shapes["transformer.layers.0.attention.query_key_value.weight"] == (16 + 2 * 16, 64)
+
+
 @pytest.mark.native_kernels
 @pytest.mark.skipif(not kernels.available(), reason="glmkit's native kernels need gcc and AVX2/FMA")
 def test_tp2_with_native_kernels_matches_tp1(tmp_path):
@@ -183,6 +218,40 @@ def test_reshard_round_trip_and_layout(models, tmp_path):
                            original["transformer.layers.1.mlp.dense_4h_to_h.bias"])
     # `glmkit info` counts the model's parameters, not the replicated copies in every rank's file
     assert describe(models / "chatglm-tp2")["parameters"] == sum(t.numel() for t in original.values())
+
+
+def test_reshard_round_trip_of_a_grouped_query_checkpoint(models, tmp_path):
+    """ChatGLM3's THUDM layout to per-rank files and back: identical tensors, in the family's own names."""
+    from safetensors import safe_open
+
+    back = tmp_path / "back"
+    assert cli_main(["reshard", str(models / "chatglm3-tp2"), str(back), "--tp", "1"]) == 0
+    original = GLMForCausalLM.from_pretrained(models / "chatglm3", progress=False).state_dict()
+    for source in (back, models / "chatglm3-tp2"):
+        restored = GLMForCausalLM.from_pretrained(source, progress=False).state_dict()
+        assert original.keys() == restored.keys()
+        assert all(torch.equal(original[k], restored[k]) for k in original)
+    with safe_open(str(back / "model.safetensors"), "pt") as f, \
+            safe_open(str(models / "chatglm3" / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())  # noqa: SIM118
+    with safe_open(str(models / "chatglm3-tp2" / "model-tp01-of-02.safetensors"), "pt") as f:
+        qkv = original["transformer.layers.0.attention.query_key_value.weight"]  # [Q 64 | K 32 | V 32]
+        part = f.get_tensor("transformer.encoder.layers.0.self_attention.query_key_value.weight")
+        assert torch.equal(part, torch.cat([qkv[32:64], qkv[80:96], qkv[112:128]]))
+    assert json.loads((models / "chatglm3-tp2" / "config.json").read_text())["multi_query_group_num"] == 2
+
+
+def test_tp_sizes_the_kv_heads_cannot_take_are_refused_in_one_line(models, tmp_path, capsys):
+    from glmkit.families import chatglm2
+
+    config = chatglm2.FAMILY.config(thudm_config(padded_vocab_size=256, num_attention_heads=6,
+                                                 multi_query_group_num=3, kv_channels=16))
+    random_model(config).save_pretrained(tmp_path / "kv3")
+    assert cli_main(["reshard", str(tmp_path / "kv3"), str(tmp_path / "x"), "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "multi_query_group_num 3 (KV heads) neither divides by --tp 2 nor divides it" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_reshard_refuses_sizes_that_do_not_divide(models, tmp_path, capsys):
