@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import pickle
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,16 +30,39 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded, with what to do about it."""
 
 
-def load_torch_file(path: Path) -> Any:
-    """A .bin / .pt file's contents, memory-mapped where its format allows.
+class RefusedPickleError(CheckpointError):
+    """A .bin / .pt file that holds Python objects besides tensors, which glmkit will not unpickle."""
 
-    weights_only: these files are pickles, and pickles from the internet must not run code."""
+
+def refused_pickle(path: Path, error: pickle.UnpicklingError) -> RefusedPickleError:
+    """One line naming the file and what it holds; never torch's advice to turn weights_only off."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    what = f" (it asks for {found.group(1)})" if found else ""
+    return RefusedPickleError(f"{path} holds Python objects that glmkit will not unpickle{what}: only plain tensors "
+                              "are read from pickled files, since unpickling anything else can run code; use a "
+                              "safetensors copy from the original source instead")
+
+
+def load_torch_file(path: Path, mmap: bool = True) -> Any:
+    """A .bin / .pt file's contents, memory-mapped where its format allows (and `mmap`).
+
+    weights_only: these files are pickles, and pickles from the internet must not run code. A file that
+    holds anything else is a RefusedPickleError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 format, cannot be mapped
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e) from e
+
+
+def first_sentence(error: BaseException) -> str:
+    """The gist of a library's error (torch's run to paragraphs of advice), on one line."""
+    text = " ".join(str(error).split())
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
 def release_freed_memory() -> None:

@@ -32,6 +32,7 @@ from glmkit.checkpoints.files import (  # the shared helpers, also importable fr
     SAFE_INDEX,
     SAFE_SINGLE,
     CheckpointError,
+    first_sentence,
     load_torch_file,
     parse_size,
     plan_shards,
@@ -40,7 +41,7 @@ from glmkit.checkpoints.files import (  # the shared helpers, also importable fr
     write_weights,
 )
 from glmkit.checkpoints.files import TORCH_DTYPES as DTYPES
-from glmkit.families import Family
+from glmkit.families import Family, chatglm2
 from glmkit.models import names
 from glmkit.models.config import ConfigError, GLMConfig, read_json
 from glmkit.models.glm import GLM
@@ -61,7 +62,8 @@ from glmkit.quant.quantize import quantize_embeddings as quantize_embeddings_in_
 
 SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
                "I64": torch.int64, "I32": torch.int32}
-TP_SIZE_KEY = "tensor_parallel_size"  # config.json key of a checkpoint saved as per-rank files
+TP_SIZE_KEY = "tensor_parallel_size"
+FINITE_CHECK_ELEMENTS = 1 << 20  # the NaN/Inf check at load reads tensors in slices of this many elements  # config.json key of a checkpoint saved as per-rank files
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: GLMConfig, device: torch.device) -> torch.dtype:
@@ -126,9 +128,19 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
         else:
-            yield from load_torch_file(path).items()
+            yield from _state_dict(path, load_torch_file(path)).items()
+    except CheckpointError:
+        raise
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({e}); re-download it") from e
+        raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({first_sentence(e)}); "
+                              "re-download it") from e
+
+
+def _state_dict(path: Path, data: object) -> dict[str, torch.Tensor]:
+    if not isinstance(data, dict) or not all(isinstance(t, torch.Tensor) for t in data.values()):
+        raise CheckpointError(f"{path} is not a weight file: it holds a {type(data).__name__}, not a "
+                              "{name: tensor} dict")
+    return data
 
 
 def load_weights(model: GLM, directory: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
@@ -198,10 +210,22 @@ def _assign(model: GLM, name: str, tensor: torch.Tensor, target: torch.Tensor, d
         if target.dtype == torch.int8 and tensor.dtype != torch.int8:
             raise CheckpointError(f"{name} is {tensor.dtype} in the checkpoint, but config.json says it is quantized "
                                   "(quantization_bit); config.json does not match the weights")
-        module._buffers[attr] = tensor.to(device=device, dtype=target.dtype if target.dtype == torch.int8 else dtype)
+        module._buffers[attr] = _finite(name, tensor.to(device=device,
+                                                        dtype=target.dtype if target.dtype == torch.int8 else dtype))
         return
-    value = tensor.to(device=device, dtype=dtype)
+    value = _finite(name, tensor.to(device=device, dtype=dtype))
     module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A weight with NaN or Inf in it would answer garbage (or NaN logits) much later: refuse it here, by name.
+    One pass over each tensor as it is assigned, on its device, in slices: no mask the size of the tensor."""
+    if value.is_floating_point() and not all(bool(torch.isfinite(part).all())
+                                             for part in value.reshape(-1).split(FINITE_CHECK_ELEMENTS)):
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in value.reshape(-1).split(FINITE_CHECK_ELEMENTS))
+        raise CheckpointError(f"{name} holds {bad} NaN or Inf value(s): the checkpoint is corrupt (or was saved "
+                              "from a diverged run); re-download it or use an earlier checkpoint")
+    return value
 
 
 def _quantize_if_complete(model: GLM, module_name: str, bits: int, group: int,
@@ -419,6 +443,8 @@ def describe(path: str | Path) -> dict:
     family = families.family_of(config)
     count, dtypes, seen = 0, set(), set()
     for file in files:
+        if file.suffix == ".safetensors":
+            verify_safetensors(file)
         for stored_name, shape, dtype in _tensor_headers(file):
             name = family.internal_name(stored_name)
             if name.endswith(".weight_scale"):
@@ -432,12 +458,14 @@ def describe(path: str | Path) -> dict:
             dtypes.add(dtype)
     return {
         "path": str(directory),
+        "family": chatglm2.variant(config.to_dict(), directory) if family is chatglm2.FAMILY else family.name,
         "config": config.to_dict(),
         "parameters": count,
         "dtype_on_disk": sorted(dtypes),
         "weight_files": [f.name for f in files],
         "size_on_disk_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
         "tokenizer": (directory / family.tokenizer_files[0]).exists(),
+        "tokenizer_file": family.tokenizer_files[0],
     }
 
 
@@ -466,13 +494,44 @@ def _tensor_headers(path: Path) -> Iterator[tuple[str, tuple[int, ...], str]]:
         yield name, tuple(meta["shape"]), str(SAFE_DTYPES.get(meta["dtype"], meta["dtype"].lower())).removeprefix("torch.")
 
 
+# Bytes per element of the safetensors dtypes, to check each tensor's extent against its shape.
+SAFE_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def verify_safetensors(path: Path) -> None:
+    """The file holds every byte its header describes, each tensor exactly its shape's (a truncated download,
+    or a corrupt header): what safetensors checks when it opens a file, done from the header alone."""
+    header, data_start = _header(path), 8 + int.from_bytes(path.open("rb").read(8), "little")
+    size, end = path.stat().st_size, data_start
+    for name, meta in header.items():
+        begin, stop = meta["data_offsets"]
+        itemsize = SAFE_ITEMSIZE.get(meta["dtype"])
+        if not 0 <= begin <= stop or (itemsize and stop - begin != _numel(meta["shape"]) * itemsize):
+            raise CheckpointError(f"{path} is corrupt: {name}'s bytes {begin}..{stop} do not hold its shape "
+                                  f"{tuple(meta['shape'])} of {meta['dtype']}; re-download it")
+        end = max(end, data_start + stop)
+    if size < end:
+        raise CheckpointError(f"{path} is truncated: it has {size:,} bytes, its header describes {end:,}; "
+                              "re-download it")
+    if size > end:
+        raise CheckpointError(f"{path} is corrupt: {size - end:,} bytes after the last tensor its header describes; "
+                              "re-download it")
+
+
 def _header(path: Path) -> dict:
     """A safetensors file's tensor table: name -> {dtype, shape, data_offsets}."""
+    size = path.stat().st_size
     with path.open("rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated: {size:,} bytes, too short for its own header; re-download it")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e}); re-download it") from e
+    if not isinstance(header, dict) or not all(
+            isinstance(m, dict) and {"dtype", "shape", "data_offsets"} <= set(m)
+            for k, m in header.items() if k != "__metadata__"):
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header (not a tensor table); re-download it")
     header.pop("__metadata__", None)
     return header

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from glmkit.checkpoints.files import (
     TORCH_DTYPES,
     CheckpointError,
+    first_sentence,
     load_torch_file,
     parse_size,
     plan_shards,
@@ -133,11 +134,11 @@ def rank_files(directory: Path) -> list[Path]:
 def load_rank(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = load_torch_file(path)
-    except RuntimeError as e:
-        raise SatCheckpointError(f"cannot read {path}: {e}") from e
-    except Exception as e:  # unpickling errors come in many types
-        raise SatCheckpointError(f"cannot read {path} as weights ({e}); it is truncated, or more than a "
-                                 "{'module': state_dict} checkpoint") from e
+    except CheckpointError:
+        raise  # a refused pickle, named
+    except Exception as e:  # a truncated file fails in many types
+        raise SatCheckpointError(f"cannot read {path} as weights ({first_sentence(e)}); it is truncated or "
+                                 "corrupt: download it again") from e
     if not isinstance(data, dict) or "module" not in data:
         raise SatCheckpointError(f"{path} has no 'module' entry; SAT model states are {{'module': state_dict}}")
     return data["module"]

@@ -162,7 +162,19 @@ def add_commands(parent: argparse.ArgumentParser, commands: dict[str, Command], 
             add_commands(parser, command.subcommands, f"{command.name}_command", "ACTION")
         else:
             command.add_arguments(parser)
+            show_defaults(parser)
             parser.set_defaults(func=command.run)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option whose help does not say its default yet says it: `(default: ...)` after its help. Switches
+    (store_true, --greedy) are left alone: their default is that the switch is off."""
+    for action in parser._actions:
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS or action.nargs == 0
+                or "default" in (action.help or "") or action.help == argparse.SUPPRESS):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ user input under tensor parallelism, and the one place user mistakes become one-
 from __future__ import annotations
 
 import argparse
+import pickle
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,10 @@ from glmkit.parallel import tp as tp_lib
 from glmkit.pretrained import NoDefaultModelError, load
 
 # A user's mistake (a missing directory, a bad value): one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (NoDefaultModelError, FileNotFoundError, CheckpointError, ConfigError, ValueError, tp_lib.TPError)
+# pickle.UnpicklingError: a pickled file (a P-Tuning checkpoint, say) that torch's weights_only loader refused
+# outside glmkit.checkpoints, which names the file itself (RefusedPickleError).
+USER_ERRORS = (NoDefaultModelError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+               CheckpointError, ConfigError, ValueError, tp_lib.TPError, pickle.UnpicklingError)
 USER_ERROR_EXIT = 2
 
 
@@ -59,8 +64,31 @@ def embedding_bits_from(args: argparse.Namespace, flag: str) -> int:
     return args.embedding_bits or (8 if getattr(args, flag) else 0)
 
 
+def check_device(name: str) -> None:
+    """--device names a device this PyTorch build has (one line, not torch's assertion deep in loading)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device PyTorch knows; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", lambda: False)()
+    if not available:
+        why = ("it was built without CUDA (a CPU-only wheel)" if device.type == "cuda" and torch.version.cuda is None
+               else f"no {device.type} device is visible")
+        raise ValueError(f"--device {name}: this PyTorch {torch.__version__} cannot use it, {why}; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: there {'is' if count == 1 else 'are'} only {count} {device.type} "
+                         f"device(s), numbered from 0")
+
+
 def load_from_args(args: argparse.Namespace, progress: bool = True):
     """(model, tokenizer) as the model flags say."""
+    check_device(args.device)
     return load(args.model, dtype=args.dtype, device=args.device, progress=progress, quantize=args.quantize,
                 adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout,
                 quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"))
@@ -85,10 +113,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) 
         group.add_argument("--greedy", dest="do_sample", action="store_false", help="always pick the likeliest token")
     else:
         group.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=CHAT_DEFAULTS["temperature"])
-    group.add_argument("--top-p", type=float, default=CHAT_DEFAULTS["top_p"])
-    group.add_argument("--top-k", type=int, default=CHAT_DEFAULTS["top_k"], help="0 disables top-k")
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=CHAT_DEFAULTS["temperature"],
+                       help="divides the logits: below 1 sharper, above 1 more varied (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=CHAT_DEFAULTS["top_p"],
+                       help="sample from the likeliest tokens that make up this probability (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=CHAT_DEFAULTS["top_k"],
+                       help="sample from this many likeliest tokens; 0 disables top-k (default: %(default)s)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="above 1: tokens already in the text become less likely (default: %(default)s)")
     group.add_argument("--max-length", type=int, default=CHAT_DEFAULTS["max_length"],
                        help="prompt plus answer, in tokens (default: %(default)s)")
     group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
@@ -136,5 +168,17 @@ def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argpars
     try:
         return run(args)
     except USER_ERRORS as e:
-        print(f"glmkit: error: {e}", file=sys.stderr)
+        print(f"glmkit: error: {one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line: glmkit's own messages are; a library's may run to paragraphs (torch's advice)."""
+    if isinstance(error, pickle.UnpicklingError):
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        return ("a pickled file holds Python objects that glmkit will not unpickle"
+                f"{f' (it asks for {refused.group(1)})' if refused else ''}: only plain tensors are read from "
+                "pickled files, since unpickling anything else can run code")
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return " ".join(str(error).split()) or type(error).__name__

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from glmkit.checkpoints.hf import describe
 from glmkit.cli.common import add_embedding_args, add_model_args, embedding_bits_from, load_from_args
+from glmkit.models.config import GLMConfig
 from glmkit.pretrained import GLMForCausalLM
 from glmkit.quant.quantize import embedding_group
 
@@ -52,6 +53,43 @@ def quantization_lines(config: dict) -> list[str]:
     return lines
 
 
+MLPS = {"gelu": "GELU", "geglu": "GeGLU", "swiglu": "SwiGLU"}
+POSITIONS = {"2d-prefix-lm": "2D prefix-LM positions", "1d-prefix-lm": "1D prefix-LM positions",
+             "causal": "causal positions"}
+
+
+# describe()'s family (a THUDM-layout directory: its generation) as info names it.
+FAMILY_NAMES = {"chatglm-6b": "ChatGLM-6B", "glm-130b": "GLM-130B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B",
+                "glm-4": "GLM-4 (THUDM layout)", "glm": "GLM-4 (transformers glm)",
+                "glm4": "GLM-4-0414 (transformers glm4)"}
+
+
+def architecture(config: GLMConfig, family: str | None = None) -> str:
+    """info's architecture line, read from the config: depth and width, attention, MLP, norms, positions."""
+    heads = f"{config.num_attention_heads} heads"
+    if config.kv_heads != config.num_attention_heads:
+        heads += f" ({config.kv_heads} KV heads, grouped-query)"
+    norm = "RMSNorm" if config.rmsnorm else "LayerNorm"
+    residual = "DeepNorm" if config.apply_residual_connection_post_layernorm else "pre-norm"
+    if config.sandwich_norm:
+        residual += " with sandwich norms"
+    rotary = f"{'NeoX' if config.rotary_style == 'neox' else 'interleaved'} rotary"
+    if config.partial_rotary_factor < 1:
+        rotary += f" on {config.partial_rotary_factor:g} of each head"
+    name = FAMILY_NAMES.get(family, family or "GLM")
+    return (f"{name}: {config.num_layers} layers, hidden {config.hidden_size}, {heads} of {config.head_dim}, "
+            f"{MLPS[config.mlp_type]} MLP {config.inner_hidden_size}; {norm}, {residual}; "
+            f"{POSITIONS[config.position_layout]}, {rotary}")
+
+
+def count_in_units(n: int) -> str:
+    """4,961,792 -> 5.0 M; 6,173,286,400 -> 6.2 B."""
+    for factor, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return str(n)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """What a model directory holds, from its config and file headers (no weights loaded)."""
     facts = describe(args.path)
@@ -60,16 +98,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     c = facts["config"]
     print(f"model        {facts['path']}")
-    print(f"architecture GLM ({'2D' if c['position_encoding_2d'] else '1D'} rotary), {c['num_layers']} layers, "
-          f"hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
-          f"{'GeGLU ' if c.get('mlp_type') == 'geglu' else ''}MLP {c['inner_hidden_size']}")
+    print(f"architecture {architecture(GLMConfig.from_dict(c), facts.get('family'))}")
     print(f"vocabulary   {c['vocab_size']} ids; context {c['max_sequence_length']} tokens")
-    print(f"parameters   {facts['parameters']:,} ({facts['parameters'] / 1e9:.2f} B)")
+    print(f"parameters   {facts['parameters']:,} ({count_in_units(facts['parameters'])})")
     print(f"dtype        {', '.join(facts['dtype_on_disk'])} on disk (config: {c['torch_dtype']})")
     for line in quantization_lines(c):
         print(line)
     print(f"size on disk {facts['size_on_disk_bytes'] / 2**20:.1f} MiB in {len(facts['weight_files'])} weight file(s)")
-    print(f"tokenizer    {'ice_text.model present' if facts['tokenizer'] else 'missing (no ice_text.model)'}")
+    name = facts.get("tokenizer_file", "ice_text.model")
+    print(f"tokenizer    {f'{name} present' if facts['tokenizer'] else f'missing (no {name})'}")
     return 0
 
 

@@ -14,7 +14,7 @@ from glmkit.parallel import tp as tp_lib
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Loopback by default: serving beyond this machine is a choice (--host), best made with --api-key."""
     add_model_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on the API and /metrics (default: no key)")

@@ -55,6 +55,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        ("seed", int)):
         parser.add_argument(f"--{flag}", type=kind, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype")
+    add_force_restart(parser, "OUT/STAGE")
+
+
+def add_force_restart(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--force-restart", action="store_true",
+                        help=f"start over: discard the checkpoint in {where} instead of resuming from it (a "
+                             "checkpoint written with other training settings is refused without this)")
 
 
 def recipe_from(args: argparse.Namespace):
@@ -78,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipe_from(args)
     tokenizer = ChatGLMTokenizer.from_pretrained(args.tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.force_restart:
+        discard_stage(args.out / args.stage)
     if args.stage == "pretrain":
         model_dir = stage_pretrain(args.out, args.data, tokenizer, recipe, progress=True)
     else:
@@ -86,6 +95,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_dir = stage_sft(args.out, args.data, args.init, tokenizer, recipe, progress=True)
     print(f"model written to {model_dir}")
     return 0
+
+
+def discard_stage(stage_dir: Path) -> None:
+    """--force-restart: the stage's checkpoint, log and finished model go, so that it trains from step 0."""
+    import shutil
+
+    from glmkit.training.loop import discard_run
+
+    discard_run(stage_dir)
+    if (stage_dir / "model").is_dir():
+        shutil.rmtree(stage_dir / "model")
 
 
 def add_demo_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +152,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (resume point)")
     parser.add_argument("--seed", type=int, default=0)
+    add_force_restart(parser, "--output")
 
 
 def add_adapter_method_args(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +209,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train = config.train
     print(f"glmkit: {args.method} on {len(train_records)} examples, {train.steps} steps of {args.batch_size}"
           f"{f' x {args.grad_accum}' if args.grad_accum > 1 else ''}, lr {train.lr:g}", flush=True)
-    metrics = finetune(model, tokenizer, train_records, args.output, config, eval_records)
+    metrics = finetune(model, tokenizer, train_records, args.output, config, eval_records,
+                       restart=args.force_restart)
     print(json.dumps(metrics))
     what = "model" if args.method == "full" else "adapter"
     use = f"--model {args.output}" if args.method == "full" else f"--model {args.model or '(default)'} --adapter {args.output}"

@@ -55,14 +55,26 @@ class Family:
     # config.json; None: the family's config.json is glmkit's (ChatGLM-6B's keys).
     read_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     write_config: Callable[[GLMConfig], dict[str, Any]] | None = None
+    # config.json key -> GLMConfig field, where read_config renames one: errors name the key the file has.
+    renamed_keys: tuple[tuple[str, str], ...] = ()
 
     def config(self, data: Mapping[str, Any]) -> GLMConfig:
         """config.json's keys as glmkit's config."""
-        config = GLMConfig.from_dict(self.read_config(data) if self.read_config else dict(data))
+        try:
+            config = GLMConfig.from_dict(self.read_config(data) if self.read_config else dict(data))
+        except ConfigError as e:
+            raise ConfigError(self._in_file_terms(str(e), data)) from e
         if config.position_layout != self.position_layout:
             raise ConfigError(f"a {self.name} config must give {self.position_layout} positions, "
                               f"not {config.position_layout}")
         return config
+
+    def _in_file_terms(self, message: str, data: Mapping[str, Any]) -> str:
+        """A message that starts with a GLMConfig field read from a renamed config.json key names that key."""
+        for key, field_name in self.renamed_keys:
+            if key in data and message.startswith(f"{field_name} "):
+                return f"{key} (glmkit's {field_name}){message[len(field_name):]}"
+        return message
 
     def config_json(self, config: GLMConfig) -> dict[str, Any]:
         """What the family's config.json holds for `config` (what save_pretrained writes)."""

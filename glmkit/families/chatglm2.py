@@ -126,4 +126,5 @@ FAMILY = Family(
     ignored=("transformer.rotary_pos_emb.inv_freq",),  # glmkit computes the rotary table
     read_config=read_config,
     write_config=write_config,
+    renamed_keys=tuple(RENAMED_KEYS.items()),
 )

@@ -94,7 +94,7 @@ def _family(name: str, summary: str, sandwich: bool) -> Family:
         load_tokenizer=AutoTokenizer.from_pretrained,  # ChatGLM2, ChatGLM3 or GLM-4 by the files the repo ships
         tokenizer_files=TOKENIZER_FILES,
         renames=RENAMES, block_renames=BLOCK_RENAMES, fusions=(QKV,),
-        read_config=_reader(name, sandwich), write_config=_writer(name),
+        read_config=_reader(name, sandwich), write_config=_writer(name), renamed_keys=tuple(RENAMED_KEYS.items()),
     )
 
 

@@ -138,6 +138,7 @@ class GLMConfig:
 
     def validate(self) -> None:
         """Fail at load time, naming the field, rather than deep inside a matmul."""
+        check_types(self)
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -212,6 +213,43 @@ class GLMConfig:
     def save(self, directory: str | Path) -> None:
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         (Path(directory) / "config.json").write_text(text, encoding="utf-8")
+
+
+# What each annotation of GLMConfig accepts from JSON. bos_token_id may be null: transformers' GlmConfig has none.
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+NULLABLE = ("bos_token_id",)
+
+
+def _accepts(kind: type, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _shown(value: Any) -> str:
+    kind = {str: "the string", list: "the list", dict: "the object", bool: "", type(None): ""}.get(type(value), "")
+    return f"{kind} {json.dumps(value, default=str)[:40]}".strip()
+
+
+def check_types(config: GLMConfig) -> None:
+    """Every field holds the JSON type its annotation names (`hidden_size: "256"` fails here, by name)."""
+    for f in fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        annotation = str(f.type)
+        optional = annotation.endswith("| None") or f.name in NULLABLE
+        if value is None and optional:
+            continue
+        if annotation.startswith("list[int]"):
+            if not isinstance(value, list) or not all(_accepts(int, v) for v in value):
+                raise ConfigError(f"{f.name} must be a list of integers, not {_shown(value)}")
+            continue
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[annotation.removesuffix(" | None")]
+        if not _accepts(kind, value):
+            raise ConfigError(f"{f.name} must be {_NAMES[kind]}{' or null' if optional else ''}, not {_shown(value)}")
 
 
 def read_json(path: Path) -> Any:

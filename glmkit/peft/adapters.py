@@ -305,7 +305,7 @@ def load_adapter(model: GLM, directory: str | Path) -> str:
         return _load_official_ptuning(model, directory)
     if not (directory / ADAPTER_CONFIG).exists() or not (directory / ADAPTER_WEIGHTS).exists():
         raise AdapterError(f"{directory} is not an adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = _read_adapter_config(directory / ADAPTER_CONFIG)
     state, base_shape = _read_weights(directory / ADAPTER_WEIGHTS)
     _check_base(model, base_shape, directory)
     kind = config.get("peft_type")
@@ -361,6 +361,32 @@ def _from_peft_prefix(model: GLM, config: dict, state: dict[str, torch.Tensor],
                            f"{', '.join(wrong) or 'no ' + PEFT_PROMPT}; was it trained on this base model?")
     add_prefix(model, int(config["num_virtual_tokens"]), False)
     return {PREFIX_EMBEDDING: state[PEFT_PROMPT]}
+
+
+# What each adapter type's config must hold: key -> (accepts, what it is).
+_REQUIRED = {
+    LORA: {"r": (lambda v: type(v) is int and v > 0, "a positive integer"),
+           "lora_alpha": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+           "target_modules": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, str) for m in v),
+                              "a list of module names")},
+    PTUNING: {"pre_seq_len": (lambda v: type(v) is int and v > 0, "a positive integer")},
+}
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, checked: an object whose type's required keys hold what they must."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); restore it from where the adapter came from") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} holds a {type(config).__name__}, not an object of adapter settings")
+    for key, (accepts, what) in _REQUIRED.get(config.get("peft_type"), {}).items():
+        if key not in config:
+            raise AdapterError(f"{path} has no {key!r} ({what}), which a {config['peft_type']} adapter needs")
+        if not accepts(config[key]):
+            raise AdapterError(f"{path}: {key} must be {what}, not {json.dumps(config[key])[:40]}")
+    return config
 
 
 def _from_peft(name: str) -> str:

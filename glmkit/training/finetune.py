@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,9 +58,16 @@ def read_chat_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; pass a JSONL file, one chat record per line")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start + 1} of the line); save the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -106,6 +113,10 @@ def _from_messages(messages: object) -> list[dict]:
     front of the first user message, as glmkit's OpenAI server does."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError("messages must be a list of {role, content} objects")
+    for index, m in enumerate(messages, start=1):
+        if not isinstance(m.get("content"), str):
+            found = "missing" if m.get("content") is None else type(m["content"]).__name__
+            raise DataError(f"message {index} ({m.get('role')!r}): content must be a string, not {found}")
     system = "\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
     turns = [m for m in messages if m.get("role") != "system"]
     records, history = [], []
@@ -196,10 +207,21 @@ def check_fits(model: GLM, config: FinetuneConfig) -> None:
                          f"{model.config.max_sequence_length}; lower them")
 
 
+def finetune_settings(config: FinetuneConfig) -> dict:
+    """The fine-tuning settings a resumed run must share with the checkpoint (besides the training config)."""
+    settings = {"method": config.method, "max_source_length": config.max_source_length,
+                "max_target_length": config.max_target_length}
+    if config.method == "lora":
+        settings["lora"] = asdict(config.lora)
+    elif config.method == "ptuning":
+        settings.update(pre_seq_len=config.pre_seq_len, prefix_projection=config.prefix_projection)
+    return settings
+
+
 def finetune(model: GLM, tokenizer: Tokenizer, train_records: Sequence[dict], out_dir: Path,
              config: FinetuneConfig, eval_records: Sequence[dict] | None = None, progress: bool = True,
-             stop_after: int | None = None) -> dict:
-    """Train in place (resuming from out_dir's checkpoint), then write the result to out_dir:
+             stop_after: int | None = None, restart: bool = False) -> dict:
+    """Train in place (resuming from out_dir's checkpoint, unless `restart`), then write the result to out_dir:
     the adapter alone (LoRA, P-Tuning) or the whole model (full). Returns the final metrics."""
     check_fits(model, config)
     prepare(model, config)
@@ -210,7 +232,8 @@ def finetune(model: GLM, tokenizer: Tokenizer, train_records: Sequence[dict], ou
         held = sft_batches(chat_examples(eval_records, tokenizer, config.max_source_length,
                                          config.max_target_length, fmt), config.train)
     metrics = train(model, sft_batches(examples, config.train), config.train, out_dir, held, progress=progress,
-                    trainable=trainable(config.method), stop_after=stop_after)
+                    trainable=trainable(config.method), stop_after=stop_after, settings=finetune_settings(config),
+                    restart=restart)
     if stop_after is not None and metrics["step"] < config.train.steps:
         return metrics  # interrupted on purpose: the checkpoint is the result
     if config.method == "full":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from glmkit.checkpoints.files import CheckpointError, first_sentence, load_torch_file
 from glmkit.models.glm import GLM
 from glmkit.text.chat_format import CHATGLM_6B, ChatFormat
 from glmkit.text.protocol import Tokenizer
@@ -162,6 +163,55 @@ def save_checkpoint(path: Path, model: GLM, optimizer: torch.optim.Optimizer, st
     os.replace(tmp, path)
 
 
+# Settings that do not change the weights a run ends with: they may differ when a run resumes.
+FREE_ON_RESUME = ("eval_every", "eval_batches", "save_every")
+
+
+class ResumeError(ValueError):
+    """A checkpoint this run cannot resume from: unreadable, or written with other settings."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """checkpoint.pt's contents, or one line on why it cannot be resumed from."""
+    try:
+        state = load_torch_file(path, mmap=False)
+    except CheckpointError:
+        raise  # it holds objects glmkit will not unpickle, named
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ResumeError(f"cannot resume from {path}: it is truncated or corrupt ({first_sentence(e)}); pass "
+                          "--force-restart to start over (or delete it)") from e
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ResumeError(f"{path} is not a glmkit training checkpoint (no model, optimizer and step); pass "
+                          "--force-restart to start over, or use another output directory")
+    return state
+
+
+def run_settings(config: TrainConfig, settings: dict | None = None) -> dict:
+    """What a checkpoint records of the run, to compare when resuming: the training config and the caller's own
+    settings (fine-tuning's method, lengths, adapter shape)."""
+    return {"config": asdict(config), "settings": settings or {}}
+
+
+def check_same_run(path: Path, saved: dict, current: dict) -> None:
+    """Resuming with other settings would silently finish another run: name what differs."""
+    differences = []
+    for part in ("config", "settings"):
+        old, new = saved.get(part) or {}, current.get(part) or {}
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key] and not (part == "config" and key in FREE_ON_RESUME):
+                differences.append(f"{key} {old[key]!r} (now {new[key]!r})")
+    if differences:
+        raise ResumeError(f"{path} was written by a run with other settings: {', '.join(differences)}; rerun "
+                          "with the checkpoint's settings to resume it, pass --force-restart to start over, or "
+                          "use another output directory")
+
+
+def discard_run(out_dir: Path) -> None:
+    """Start over: the checkpoint and log of the run in out_dir go."""
+    for name in (CHECKPOINT, "log.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def restore_trained(model: GLM, state: dict[str, torch.Tensor], path: Path) -> None:
     """Load a checkpoint's trained parameters; every parameter now training must be in it."""
     training = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -191,14 +241,20 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     trainable: Callable[[str], bool] | None = None,
+    settings: dict | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train in place, resuming from out_dir/checkpoint.pt when it exists; returns the final metrics.
 
     `trainable(name)` picks the parameters that learn (all by default); the rest stay frozen, and
     checkpoints hold the trained ones only, so an adapter's checkpoint is adapter-sized.
-    stop_after ends the run early at that step (used to test that resuming is exact)."""
+    stop_after ends the run early at that step (used to test that resuming is exact). A checkpoint written with
+    other settings (`config`, and the caller's `settings`) is refused, naming them; `restart` discards it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
+    if restart:
+        discard_run(out_dir)
+    run = run_settings(config, settings)
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(name))
@@ -207,7 +263,8 @@ def train(
     optimizer = make_optimizer(model, config)
     start = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=model.device, weights_only=True)
+        state = read_checkpoint(ckpt_path)
+        check_same_run(ckpt_path, state.get("meta") or {}, run)
         restore_trained(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
@@ -241,7 +298,7 @@ def train(
             with log.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if (step + 1) % config.save_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt_path, model, optimizer, step + 1, {"config": asdict(config)})
+            save_checkpoint(ckpt_path, model, optimizer, step + 1, run)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -369,7 +369,8 @@ def test_cli_converts_with_the_official_arguments(tmp_path, capsys):
         logits = model(torch.tensor([[20100, 20200, 150001, 150004]])).logits
     assert logits.shape == (1, 4, 150528) and torch.isfinite(logits).all()
     assert main(["info", str(tmp_path / "out")]) == 0
-    assert "1D rotary" in (out := capsys.readouterr().out) and "GeGLU MLP 32" in out
+    assert "GLM-130B: 1 layers" in (out := capsys.readouterr().out) and "GeGLU MLP 32" in out
+    assert "1D prefix-LM positions, NeoX rotary" in out
 
 
 def test_tokenizer_travels_with_the_model_and_must_give_its_ids(tmp_path, tokenizer_dir, tokenizer):
