@@ -80,13 +80,22 @@ def ctrl_c_stops() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def answer_turn(model, tokenizer, query: str, history: list[tuple[str, str]], options: dict) -> str | None:
-    """Stream one answer. Ctrl-C stops it: what was written stays on the screen, but the turn is not kept in
-    the history (a cut-off answer would derail the next turns), so None."""
+def answer_turn(model, tokenizer, query: str, history: list, options: dict) -> list | None:
+    """Stream one answer; return the history with this turn, in the family's own shape (ChatGLM3 and GLM-4
+    keep role messages, and a tool call comes back as a dict, shown as JSON). Ctrl-C stops the answer: what was
+    written stays on the screen, but the turn is not kept (a cut-off answer would derail the next turns): None."""
+    new_history = history
+
+    def replies() -> Iterator[str]:
+        nonlocal new_history
+        for response, new_history in model.stream_chat(tokenizer, query, history, **options):  # noqa: B007
+            yield response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+
     with ctrl_c_stops() as pressed:
-        replies = (text for text, _ in model.stream_chat(tokenizer, query, history, **options))
-        with contextlib.closing(replies):  # leaving early ends the generation
-            return print_stream(replies, "GLM: ", pressed)
+        stream = replies()
+        with contextlib.closing(stream):  # leaving early ends the generation
+            shown = print_stream(stream, "GLM: ", pressed)
+    return None if shown is None else new_history
 
 
 def next_message() -> str | None:
@@ -113,7 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     model, tokenizer = load_from_args(args)
     print(f"{CHAT_HELP}\nmodel: {getattr(model, 'name_or_path', '?')}\n")
-    history: list[tuple[str, str]] = []
+    history: list = []  # the family's shape: (query, response) pairs, or role messages (ChatGLM3, GLM-4)
     while True:
         query = from_rank0(next_message() if tp_lib.rank() == 0 else None, args.tp)
         if query is None or query.strip() == "stop":
@@ -125,12 +134,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not query.strip():
             continue
         try:
-            response = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
+            new_history = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
         except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"(not answered: {e}; raise --max-length or type 'clear' to start over)")
             continue
-        if response is not None:
-            history = history + [(query, response)]
+        if new_history is not None:
+            history = new_history
 
 
 def add_one_shot_arguments(parser: argparse.ArgumentParser, text: str, what: str, max_new_tokens_help: str) -> None:

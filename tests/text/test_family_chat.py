@@ -69,3 +69,17 @@ def test_the_server_answers_in_the_tokenizers_chat_format(chatglm3_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_terminal_chat_keeps_the_familys_history_shape(chatglm3_model, capsys):
+    """`glmkit chat` on ChatGLM3 keeps role messages (a tuple history would lose roles and tool calls)."""
+    from glmkit.cli.chat import answer_turn
+
+    model, tokenizer = glmkit.load(chatglm3_model, progress=False)
+    options = {"max_length": 400, "do_sample": False}
+    first = answer_turn(model, tokenizer, "你好", [], options)
+    assert first[0] == {"role": "user", "content": "你好"} and first[-1]["role"] == "assistant"
+    second = answer_turn(model, tokenizer, "how are you", first, options)
+    assert second[: len(first)] == first and second[len(first)] == {"role": "user", "content": "how are you"}
+    printed = capsys.readouterr().out
+    assert printed.count("GLM: ") == 2 and first[-1]["content"] in printed
