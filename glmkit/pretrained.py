@@ -71,7 +71,6 @@ class GLMForCausalLM(GLM):
                            quantize_embeddings=quantize_embeddings)
         if adapter is not None:
             load_adapter(model, adapter)
-        model.name_or_path = Path(path)
         return model
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
