@@ -161,7 +161,7 @@ class Serving:
         text = TextStream(stop, self.chat_format.parse, hold_last=True) if clean else TextStream(stop)
         reading_calls = tools is not None and tools.parse
         held = reading_calls  # undecided: could still be a call
-        decoded = ""
+        decoded = shared = ""
         pending: list[TokenInfo] = []
         every: list[TokenInfo] = []
         prompt_info: list[TokenInfo] = []
@@ -179,9 +179,10 @@ class Serving:
                     finish = "stop"
                     break
                 new.append(output.token_id)
-                before, decoded = decoded, self.tokenizer.decode(new)
+                decoded = self.tokenizer.decode(new)
                 if output.logprob is not None:
-                    info = self.token_info(output.logprob, _share(before, decoded))
+                    share, shared = _share(shared, decoded)
+                    info = self.token_info(output.logprob, share)
                     pending.append(info)
                     every.append(info)
                 if held and "\n" in decoded:
@@ -223,10 +224,9 @@ class Serving:
         return TokenInfo(text, logprob.logprob, top)
 
     def prompt_token_infos(self, prompt_ids: list[int], logprobs: list[TokenLogprob | None]) -> list[TokenInfo]:
-        decoded, infos = "", []
+        shared, infos = "", []
         for i, logprob in enumerate(logprobs):
-            before, decoded = decoded, self.tokenizer.decode(prompt_ids[: i + 1])
-            share = _share(before, decoded)
+            share, shared = _share(shared, self.tokenizer.decode(prompt_ids[: i + 1]))
             infos.append(TokenInfo(share, None, []) if logprob is None else self.token_info(logprob, share))
         return infos
 
@@ -380,11 +380,19 @@ def _usage(dones: list[Completion]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _share(before: str, decoded: str) -> str:
-    """A token's share of the decoded text: what it added (empty while a character's bytes are incomplete)."""
-    if decoded.endswith("\ufffd") or not decoded.startswith(before):
-        return ""
-    return decoded[len(before):]
+def _share(shown: str, decoded: str) -> tuple[str, str]:
+    """(a token's share of the decoded text, the text shared out so far): what it added since the last token
+    that completed its characters (nothing while a character's bytes are incomplete: the token that completes
+    it gets the whole character)."""
+    if decoded.endswith("\ufffd"):
+        return "", shown
+    common = len(shown) if decoded.startswith(shown) else len(_common_prefix(shown, decoded))
+    return decoded[common:], decoded
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
 
 
 def _renders_tools(chat_format: ChatFormat, tokenizer: Tokenizer) -> bool:
