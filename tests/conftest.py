@@ -1,14 +1,32 @@
-"""Shared fixtures: a small ChatGLM-layout tokenizer trained once per test session."""
+"""Shared fixtures: a small ChatGLM-layout tokenizer trained once per test session, and tokenizers (and a model)
+in the newer families' layouts.
+
+The family tokenizers (the real files cannot be downloaded):
+* ChatGLM2/3: a SentencePiece unigram model with the released meta layout (`<unk>` 0, `<s>` 1, `</s>` 2, byte
+  fallback pieces `<0x00>`..`<0xFF>` at 3..258, dummy "▁" prefix, whitespace kept); the tokenizer appends the
+  specials after its pieces.
+* GLM-4: a byte-level BPE trained with the `tokenizers` library on GLM-4's pre-tokenizer regex, with every byte
+  in the initial alphabet, exported as a tiktoken ranks file (base64 bytes + rank = id); the same trained model,
+  specials added after the ranks, is the `tokenizer.json` of the -hf / 0414 repos.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as FastTokenizer
 
+from glmkit.text.glm4_tokenizer import GLM4_PATTERN, GLM4_SPECIALS
 from glmkit.text.tokenizer import ChatGLMTokenizer, train_sentencepiece
 
-from samples import sample_corpus
+from samples import corpus_lines, sample_corpus
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +48,129 @@ def pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     from glmkit.quant import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def sp_model_bytes() -> bytes:
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines()), model_writer=buffer, vocab_size=900, model_type="unigram",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        character_coverage=0.9995, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def _sp_dir(root: Path, model: bytes, name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer.model").write_bytes(model)
+    config = {"name_or_path": f"THUDM/{name}", "remove_space": False, "do_lower_case": False,
+              "tokenizer_class": "ChatGLMTokenizer",
+              "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}
+    (root / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def chatglm2_dir(tmp_path_factory: pytest.TempPathFactory, sp_model_bytes: bytes) -> Path:
+    """tokenizer.model + tokenizer_config.json as THUDM/chatglm2-6b ships them (its own, trained, model file)."""
+    return _sp_dir(tmp_path_factory.mktemp("chatglm2"), sp_model_bytes, "chatglm2-6b")
+
+
+@pytest.fixture(scope="session")
+def chatglm3_dir(tmp_path_factory: pytest.TempPathFactory, sp_model_bytes: bytes) -> Path:
+    return _sp_dir(tmp_path_factory.mktemp("chatglm3"), sp_model_bytes, "chatglm3-6b")
+
+
+@pytest.fixture(scope="session")
+def glm4_fast_model() -> FastTokenizer:
+    """A byte-level BPE on GLM-4's regex; ids 0..255 are the single bytes, then the merges in order."""
+    tokenizer = FastTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, min_frequency=2)
+    tokenizer.train_from_iterator(corpus_lines() * 2, trainer=trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIALS])
+    return tokenizer
+
+
+def _byte_decoder() -> dict[str, int]:
+    """ByteLevel's printable stand-in character of each byte (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def ranks_text(fast: FastTokenizer) -> str:
+    """The BPE vocabulary (specials excluded) as a tiktoken ranks file: base64(token bytes), a space, the id."""
+    table = _byte_decoder()
+    vocab = fast.get_vocab(with_added_tokens=False)
+    lines = [f"{base64.b64encode(bytes(table[c] for c in token)).decode()} {rank}"
+             for token, rank in sorted(vocab.items(), key=lambda item: item[1])]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def glm4_dir(tmp_path_factory: pytest.TempPathFactory, glm4_fast_model: FastTokenizer) -> Path:
+    """tokenizer.model (tiktoken ranks) + tokenizer_config.json with added_tokens_decoder, as glm-4-9b-chat."""
+    root = tmp_path_factory.mktemp("glm4")
+    (root / "tokenizer.model").write_text(ranks_text(glm4_fast_model), encoding="utf-8")
+    first = glm4_fast_model.get_vocab_size(with_added_tokens=False)
+    config = {
+        "added_tokens_decoder": {str(first + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                  "normalized": False, "single_word": False}
+                                 for i, t in enumerate(GLM4_SPECIALS)},
+        "additional_special_tokens": list(GLM4_SPECIALS),
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+        "clean_up_tokenization_spaces": False, "do_lower_case": False, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "padding_side": "left", "remove_space": False,
+        "tokenizer_class": "ChatGLM4Tokenizer",
+    }
+    (root / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def glm4_hf_dir(tmp_path_factory: pytest.TempPathFactory, glm4_fast_model: FastTokenizer) -> Path:
+    """tokenizer.json + tokenizer_config.json (with the default GLM-4 chat_template) as glm-4-9b-chat-hf."""
+    from glmkit.text.chat_template import GLM4_CHAT_TEMPLATE
+
+    root = tmp_path_factory.mktemp("glm4hf")
+    glm4_fast_model.save(str(root / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "padding_side": "left", "clean_up_tokenization_spaces": False,
+              "chat_template": GLM4_CHAT_TEMPLATE, "model_input_names": ["input_ids", "attention_mask"]}
+    (root / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def chatglm3_model(chatglm3_dir, tmp_path_factory):
+    """A random ChatGLM3-layout model over the test-trained ChatGLM3 tokenizer, saved as an official directory."""
+    import torch
+
+    import glmkit
+    from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
+
+    from layouts import thudm_config
+
+    out = tmp_path_factory.mktemp("chatglm3-model")
+    torch.manual_seed(0)
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(chatglm3_dir / name, out / name)
+    return out

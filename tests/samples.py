@@ -39,3 +39,12 @@ def sample_corpus() -> list[str]:
         lines.append(sentence.capitalize() + rng.choice(en_punct) + f" {n * 37 % 1000} {n / 7:.3f}")
     lines += [f"{snippet}\n# {n}: {n * 37 % 1000} 个结果" for n, snippet in enumerate(code * 20)]
     return lines
+
+
+CHAT_WORDS = ["你好", "[Round 1]", "问：", "答：", "get_weather", "tool_call(city=\"北京\")", "```python", "interpreter",
+              "Answer the following questions as best as you can. You have access to the following tools:"]
+
+
+def corpus_lines() -> list[str]:
+    lines = [line for text in sample_corpus() for line in text.split("\n") if line.strip()]
+    return lines + CHAT_WORDS * 20

@@ -29,6 +29,8 @@ class _Submit:
     outputs: asyncio.Queue
     accepted: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -82,7 +84,8 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestOutputs:
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                     logprobs: int | None = None, prompt_logprobs: bool = False) -> RequestOutputs:
         """Admit a request and return its step outputs; raises ValueError / QueueFull if it is refused.
 
         The server admits before it answers, so that a refusal is an HTTP status, not a stream cut short.
@@ -90,7 +93,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
-        self.commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop))
+        self.commands.put(_Submit(prompt_ids, params, request_id, outputs, accepted, loop, logprobs, prompt_logprobs))
         try:
             await accepted  # raises the engine's refusal, if any
         except asyncio.CancelledError:  # the caller went away while the request was being admitted
@@ -137,7 +140,8 @@ class AsyncEngine:
             self.streams.pop(command.request_id, None)
             return
         try:
-            self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+            self.engine.add_request(command.prompt_ids, command.params, command.request_id, command.logprobs,
+                                    command.prompt_logprobs)
         except (ValueError, QueueFull) as e:
             command.loop.call_soon_threadsafe(_settle, command.accepted, e)
             return

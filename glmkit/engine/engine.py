@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 
 from glmkit.engine.parallel import BroadcastRunner
-from glmkit.engine.request import Request, StepOutput
+from glmkit.engine.request import Request, StepOutput, TokenLogprob
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
 from glmkit.generation.generate import end_tokens
@@ -15,6 +15,7 @@ from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
 log = logging.getLogger("glmkit.engine")
+MAX_LOGPROBS = 20  # the most alternatives a token's logprobs may list (OpenAI's limit)
 
 
 class Engine:
@@ -29,12 +30,23 @@ class Engine:
         self.runner = runner(model, max_batch, self.max_length)
         self._ids = itertools.count()
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """Queue a request; raises ValueError for a prompt that cannot fit, QueueFull when the queue is full."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
+        """Queue a request; raises ValueError for a prompt that cannot fit, QueueFull when the queue is full.
+
+        logprobs k (0..MAX_LOGPROBS): every output carries its token's log-probability under the scores that
+        sampled it and the k most likely tokens of those scores; prompt_logprobs: the first output also carries
+        each prompt token's, which only a causal model has (a prefix-LM reads its prompt both ways)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {logprobs}")
+        if prompt_logprobs and not self.model.config.causal:
+            raise ValueError("prompt log-probabilities (echo with logprobs) need a causal model (ChatGLM2 and later): "
+                             "this model reads its prompt bidirectionally, so its prompt tokens have none")
         budget = params.new_token_budget(len(prompt_ids), self.max_length)
-        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, budget)
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, budget,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         self.scheduler.add(request)
         return request
 
@@ -57,6 +69,8 @@ class Engine:
         decoding batch, which every decoding request shares, fails all of them."""
         plan = self.scheduler.schedule()
         produced: list[tuple[Request, int | None]] = []
+        logprobs: dict[str, TokenLogprob | None] = {}
+        prompt_logprobs: dict[str, list] = {}
         if plan.decoding:
             try:
                 tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding],
@@ -65,12 +79,19 @@ class Engine:
                 log.exception("decoding step of %d requests failed", len(plan.decoding))
                 tokens = [None] * len(plan.decoding)
             produced += zip(plan.decoding, tokens, strict=True)
+            for row, request in enumerate(plan.decoding):
+                logprobs[request.request_id] = self.runner.logprobs[row]
         for slot, request in plan.admitted:
             try:
-                token = self.runner.prefill(slot, request.prompt_ids, request.params)
+                token = self.runner.prefill(slot, request.prompt_ids, request.params, request.logprobs,
+                                            request.prompt_logprobs)
             except Exception:  # noqa: BLE001 (this request's own failure)
                 log.exception("prefill of request %s failed", request.request_id)
                 token = None
+            else:
+                logprobs[request.request_id] = self.runner.logprobs[slot]
+                if request.prompt_logprobs:
+                    prompt_logprobs[request.request_id] = self.runner.prompt_logprobs
             produced.append((request, token))
         outputs = []
         for request, token in produced:
@@ -79,7 +100,9 @@ class Engine:
             else:
                 request.output_ids.append(token)
                 request.finish_reason = self._finish_reason(request, token)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason))
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason,
+                                      logprobs.get(request.request_id) if token is not None else None,
+                                      prompt_logprobs.get(request.request_id)))
         for request, _ in produced:
             if request.finished:
                 self._release(request)

@@ -25,9 +25,12 @@ class EngineClient(Protocol):
         """Requests in the running batch."""
         ...
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                     logprobs: int | None = None, prompt_logprobs: bool = False) -> AsyncIterator[StepOutput]:
         """Admit the request; raises ValueError / QueueFull if it is refused, else returns its step outputs
-        as they come (an async iterator with aclose).
+        as they come (an async iterator with aclose). `logprobs` k: each output carries its token's
+        log-probability and k alternatives (StepOutput.logprob); `prompt_logprobs`: the first output also carries
+        the prompt tokens' (StepOutput.prompt_logprobs; causal models only, else ValueError).
 
         Closing the outputs before the last one aborts the request and frees its slot."""
         ...

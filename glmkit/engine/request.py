@@ -8,6 +8,16 @@ from glmkit.generation.sampling import SamplingParams
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the scores it was sampled from, and the `top` most likely (id, logprob)
+    alternatives of that same distribution, most likely first (tokens the sampler could not pick, -inf, left out)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -15,6 +25,8 @@ class Request:
     budget: int  # new tokens allowed (max_new_tokens / max_length / context, decided at admission)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end token), "length" (budget), "abort", "error" (its step failed)
+    logprobs: int | None = None  # None: no log-probabilities; k: each new token's, with its k most likely rivals
+    prompt_logprobs: bool = False  # also the prompt's tokens' (causal models only), on the first output
 
     @property
     def finished(self) -> bool:
@@ -26,3 +38,5 @@ class StepOutput:
     request_id: str
     token_id: int | None  # None when the request ended without a new token (aborted, or its step failed)
     finish_reason: str | None
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs and a token was produced
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; the first prompt token's is None

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from glmkit.engine.request import TokenLogprob
 from glmkit.generation.generate import make_generator, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
@@ -29,23 +30,34 @@ class ModelRunner:
         self.steps = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)  # position_step per slot
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
         self.generators: list[torch.Generator | None] = [None] * max_batch
+        self.logprob_counts: list[int | None] = [None] * max_batch  # per slot: None, or top-k alternatives asked
+        self.logprobs: list[TokenLogprob | None] = [None] * max_batch  # per slot: its latest token's, if asked
+        self.prompt_logprobs: list[TokenLogprob | None] = []  # the latest prefill's, if asked
 
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Encode a prompt into `slot` and return its first new token."""
+    def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None,
+                prompt_logprobs: bool = False) -> int:
+        """Encode a prompt into `slot` and return its first new token. With `logprobs` (a count of alternatives),
+        each token the slot samples leaves its TokenLogprob in `self.logprobs[slot]`; with prompt_logprobs the
+        prompt's own (under the model's raw logits: nothing samples them) go to `self.prompt_logprobs`."""
         model = self.model
         layout = model.position_layout
         positions, blocked = layout.sequence(prompt_ids, model.special_ids, prefer_gmask=False)
         ids = torch.tensor([prompt_ids], device=model.device)
         with model.kv_cache_rows(slot):
             out = model(ids, positions[None].to(model.device), blocked[None, None].to(model.device),
-                        cache_position=0, last_only=True)
+                        cache_position=0, last_only=not prompt_logprobs)
         self.lengths[slot] = len(prompt_ids)
         self.last_positions[slot] = positions[:, -1:].to(model.device)
         self.steps[slot] = torch.tensor(layout.step(prompt_ids, model.special_ids))[:, None]
         self.seen[slot] = False
         self.seen[slot, ids[0]] = True
         self.generators[slot] = make_generator(params.seed, model.device)
+        self.logprob_counts[slot] = logprobs
+        if prompt_logprobs:
+            table = out.logits[0, :-1].float().log_softmax(-1)
+            self.prompt_logprobs = [None, *(token_logprob(table[i], token, logprobs or 0)
+                                            for i, token in enumerate(prompt_ids[1:]))]
         return self._sample(slot, out.logits[0, -1].float(), params)
 
     @torch.inference_mode()
@@ -75,6 +87,10 @@ class ModelRunner:
         scores = process_logits(logits[None], self.seen[slot:slot + 1], params)
         token = int(sample(scores, params, self.generators[slot])[0])
         self.seen[slot, token] = True
+        k = self.logprob_counts[slot]
+        # The log-softmax of the very scores `sample` used: under greedy the logits (after any repetition penalty),
+        # under sampling those divided by the temperature with top-k / top-p's cut tokens at -inf.
+        self.logprobs[slot] = None if k is None else token_logprob(scores[0].log_softmax(-1), token, k)
         return token
 
     def move(self, src: int, dst: int) -> None:
@@ -82,4 +98,15 @@ class ModelRunner:
         self.model.move_kv_cache_row(src, dst)
         for tensor in (self.lengths, self.last_positions, self.steps, self.seen):
             tensor[dst] = tensor[src]
-        self.generators[dst] = self.generators[src]
+        for per_slot in (self.generators, self.logprob_counts, self.logprobs):
+            per_slot[dst] = per_slot[src]
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s entry of a [V] log-softmax, with the k most likely tokens (those at -inf, which cannot be picked,
+    left out)."""
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+        top = [(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True) if v != float("-inf")]
+    return TokenLogprob(token, float(logprobs[token]), top)

@@ -11,12 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from glmkit.text.tool_calls import ToolSchemaError, check_json_schema
+
 # The smallest sampling temperature and top_p accepted. Below these fp32 sampling breaks down: logits divided
 # by a temperature under ~1e-38 overflow to inf, and a top_p under ~1e-45 rounds to 0 in fp32 and filters out
 # every token. Any value this small means "the most likely token", which temperature 0 (greedy) asks for.
 MIN_TEMPERATURE = 1e-3
 MIN_TOP_P = 1e-6
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs (the engine's too)
 TEMPERATURE_SCHEMA = {"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}
 
 
@@ -59,9 +62,37 @@ class TextPart(Checked):
     text: str
 
 
+class CallFunction(Checked):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCall(Checked):
+    """An assistant message's tool call, as the client sends it back in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(Checked):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    """A message; `tool` messages carry a tool's result (`tool_call_id` names the call), assistant messages may
+    carry `tool_calls` instead of content."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
+                             "leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -76,7 +107,56 @@ class Message(Checked):
     @property
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as other OpenAI-compatible servers do)."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+    def for_format(self) -> dict[str, Any]:
+        """The message as the chat formats take it (OpenAI's shape, content as one string)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text if self.content is not None else None}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(Checked):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any] | None, info) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                check_json_schema(value, "parameters")
+            except ToolSchemaError as e:
+                raise ValueError(f"{e} (function {info.data.get('name')!r}); it must be a JSON Schema") from e
+        return value
+
+
+class Tool(Checked):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def for_format(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class ChosenFunction(Checked):
+    name: str
+
+
+class NamedToolChoice(Checked):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class StreamOptions(Checked):
+    include_usage: bool = False
 
 
 class SamplingChecks(Checked):
@@ -111,9 +191,9 @@ class SamplingFields(SamplingChecks):
     stream: bool = False
     user: str | None = None
     n: int = Field(1, ge=1, le=16)
+    stream_options: StreamOptions | None = None
     # Accepted only at their no-op values: a request that needs them is refused (`unsupported`), not
     # silently answered without them.
-    logprobs: bool | int | None = None
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -121,8 +201,6 @@ class SamplingFields(SamplingChecks):
 
     def unsupported(self) -> str | None:
         """The first option this server cannot honour, if any."""
-        if self.logprobs:
-            return "logprobs"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"
         for name in ("presence_penalty", "frequency_penalty"):
@@ -144,10 +222,31 @@ class SamplingFields(SamplingChecks):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprob_count(self) -> int | None:
+        """None (no logprobs) or how many alternatives each token lists."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (0: none)")
+    echo: bool = False
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class LegacyRequest(SamplingChecks):

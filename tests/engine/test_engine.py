@@ -1,10 +1,11 @@
 """Continuous batching on a real (tiny, random) model: requests that join and leave the batch at any
 step get exactly the tokens they would get alone."""
 
+import pytest
 import torch
 
 from glmkit.engine import Engine
-from glmkit.generation.generate import stream_tokens
+from glmkit.generation.generate import process_logits, stream_tokens
 from glmkit.generation.sampling import SamplingParams
 
 from tiny import prompt, random_model, tiny_config
@@ -120,3 +121,30 @@ def test_a_request_whose_step_fails_ends_alone_and_the_batch_goes_on(monkeypatch
     for request, want in zip(requests, expected, strict=True):
         assert outputs[request.request_id] == want and request.finish_reason == "length"
     assert not engine.has_work() and engine.scheduler.running == []
+
+
+def test_sampled_logprobs_are_the_log_softmax_of_the_scores_that_drew_the_token():
+    """Under temperature and top-p, a token's logprob is under the distribution it was drawn from (top-p's cut
+    tokens, at -inf, never listed), in a batch with a request that asks for none."""
+    model = random_model(tiny_config(eos_token_id=255))
+    params = SamplingParams(max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.8, seed=3)
+    engine = Engine(model, max_batch=2, max_queue=4)
+    asked = engine.add_request(PROMPTS[1], params, logprobs=20)
+    engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=5))
+    outputs = []
+    while engine.has_work():
+        outputs += [o for o in engine.step() if o.request_id == asked.request_id]
+    ids = list(PROMPTS[1])
+    for out in outputs:
+        assert out.logprob is not None and out.logprob.token_id == out.token_id
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        scores = process_logits(logits[None], torch.zeros(1, logits.shape[-1], dtype=torch.bool), params)[0]
+        table = scores.log_softmax(-1)
+        assert abs(out.logprob.logprob - float(table[out.token_id])) < 1e-4
+        kept = int(torch.isfinite(table).sum())
+        assert len(out.logprob.top) == min(20, kept)
+        assert all(abs(v - float(table[t])) < 1e-4 for t, v in out.logprob.top)
+        ids.append(out.token_id)
+    with pytest.raises(ValueError, match="causal"):
+        engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=2), logprobs=1, prompt_logprobs=True)

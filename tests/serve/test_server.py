@@ -106,7 +106,7 @@ def test_n_choices_are_the_seeded_samples_of_single_requests(client, model_dir):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"logprobs": True}, "logprobs"), ({"best_of": 3}, "best_of"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"best_of": 3}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
 ])
@@ -117,7 +117,7 @@ def test_options_the_server_cannot_honour_are_refused_not_ignored(server, model_
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     if param != "n":  # the same option at its no-op value is accepted (clients send those)
-        neutral = {"logprobs": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+        neutral = {"top_logprobs": None, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
         ok = httpx.post(f"{server}/v1/chat/completions", json={**body, param: neutral[param]}, timeout=60,
                         headers=headers)
         assert ok.status_code == 200, ok.text

@@ -12,7 +12,7 @@ from glmkit.text.chat_template import ChatTemplateError, render_template
 from glmkit.text.fast_tokenizer import GLMFastTokenizer
 from glmkit.text.glm4_tokenizer import GLM4_PATTERN, GLM4_SPECIALS, GLM4Tokenizer
 
-from conftest import corpus_lines
+from samples import corpus_lines
 
 PERSONA = "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。"
 GET_TIME = {"type": "function", "function": {"name": "get_time", "description": "当前时间",

@@ -3,7 +3,6 @@ tokenizer) trains a few steps, saves its adapter in the family's official names,
 merges; an official ChatGLM2/3 P-Tuning directory written by hand loads; transformers' split q/k/v layout and
 GLM-4's PEFT prefix tuning map both ways."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -25,11 +24,6 @@ from glmkit.training.objectives import IGNORE, collate
 
 from layouts import hf_config, thudm_config
 from tiny import random_model
-
-_spec = importlib.util.spec_from_file_location("text_fixtures", Path(__file__).parents[1] / "text" / "conftest.py")
-_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fixtures)
-sp_model_bytes, chatglm3_dir = _fixtures.sp_model_bytes, _fixtures.chatglm3_dir
 
 RECORDS = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}", "history": []}
            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]]
