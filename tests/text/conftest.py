@@ -13,15 +13,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastTokenizer
 
 from glmkit.text.glm4_tokenizer import GLM4_PATTERN, GLM4_SPECIALS
 
+from layouts import thudm_config
 from samples import sample_corpus
 
 CHAT_WORDS = ["你好", "[Round 1]", "问：", "答：", "get_weather", "tool_call(city=\"北京\")", "```python", "interpreter",
@@ -135,3 +138,21 @@ def glm4_hf_dir(tmp_path_factory: pytest.TempPathFactory, glm4_fast_model: FastT
               "chat_template": GLM4_CHAT_TEMPLATE, "model_input_names": ["input_ids", "attention_mask"]}
     (root / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def chatglm3_model(chatglm3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ChatGLM3-layout model over the test-trained ChatGLM3 tokenizer, saved as an official directory."""
+    import glmkit
+    from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
+
+    out = tmp_path_factory.mktemp("chatglm3-model")
+    torch.manual_seed(0)
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(chatglm3_dir / name, out / name)
+    return out

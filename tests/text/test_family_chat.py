@@ -2,35 +2,15 @@
 tokenizer's format (role tokens built message by message, replies ending at the role tokens), and `glmkit serve`
 answers the OpenAI chat API in that format."""
 
-import shutil
-
-import pytest
 import torch
 from openai import OpenAI
 
 import glmkit
-from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
 from glmkit.text.chatglm3_format import CHATGLM3
 from glmkit.text.chatglm3_tokenizer import ChatGLM3Tokenizer
 from glmkit.text.formats import chat_format_for
 
-from layouts import thudm_config
 from servers import start_server
-
-
-@pytest.fixture(scope="module")
-def chatglm3_model(chatglm3_dir, tmp_path_factory):
-    """A random ChatGLM3-layout model over the test-trained ChatGLM3 tokenizer, saved as an official directory."""
-    out = tmp_path_factory.mktemp("chatglm3-model")
-    torch.manual_seed(0)
-    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(chatglm3_dir / name, out / name)
-    return out
 
 
 def test_load_picks_the_chatglm3_tokenizer_and_chat_feeds_build_chat_input(chatglm3_model):
