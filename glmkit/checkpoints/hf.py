@@ -87,7 +87,7 @@ def read_config(directory: Path) -> GLMConfig:
     path = directory / "config.json"
     data = read_json(path)
     try:
-        return families.detect(data).config(data)
+        return families.detect(data).config(data, directory)
     except ConfigError as e:
         raise type(e)(f"{path}: {e}") from e
 
