@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import mmap
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -47,7 +48,7 @@ from glmkit.models.config import ConfigError, GLMConfig, read_json
 from glmkit.models.glm import GLM
 from glmkit.models.modules import replace_module
 from glmkit.parallel import tp as tp_lib
-from glmkit.parallel.layout import shard_dim
+from glmkit.parallel.layout import kv_heads_per_rank, shard_dim
 from glmkit.quant.quantize import (
     QUANTIZED_LINEARS,
     QuantizedLinear,
@@ -87,7 +88,7 @@ def read_config(directory: Path) -> GLMConfig:
     path = directory / "config.json"
     data = read_json(path)
     try:
-        return families.detect(data).config(data)
+        return families.detect(data).config(data, directory)
     except ConfigError as e:
         raise type(e)(f"{path}: {e}") from e
 
@@ -439,10 +440,12 @@ def describe(path: str | Path) -> dict:
     directory = Path(path).expanduser()
     config = read_config(directory)
     files = weight_files(directory)
-    per_rank = stored_tp_size(config) > 1
+    tp = stored_tp_size(config)
+    per_rank = tp > 1
     family = families.family_of(config)
     count, dtypes, seen = 0, set(), set()
     for file in files:
+        rank = _file_rank(file)
         if file.suffix == ".safetensors":
             verify_safetensors(file)
         for stored_name, shape, dtype in _tensor_headers(file):
@@ -454,7 +457,8 @@ def describe(path: str | Path) -> dict:
             seen.add(name)
             bits = config.quantization_bit if names.in_block(name) else config.quantization_embedding_bit
             packed = bits == 4 and "int8" in dtype.lower() and name.endswith(".weight")
-            count += _numel(shape) * (2 if packed else 1)  # INT4 packs two weights per byte
+            numel = _numel(shape) - (_replicated_kv_numel(name, shape, config, rank, tp) if per_rank else 0)
+            count += numel * (2 if packed else 1)  # INT4 packs two weights per byte
             dtypes.add(dtype)
     return {
         "path": str(directory),
@@ -467,6 +471,25 @@ def describe(path: str | Path) -> dict:
         "tokenizer": (directory / family.tokenizer_files[0]).exists(),
         "tokenizer_file": family.tokenizer_files[0],
     }
+
+
+def _file_rank(file: Path) -> int:
+    """The rank of a per-rank file (tp_file's name); 0 for any other file."""
+    found = re.fullmatch(r"model-tp(\d+)-of-\d+\.safetensors", file.name)
+    return int(found.group(1)) if found else 0
+
+
+def _replicated_kv_numel(name: str, shape, config: GLMConfig, rank: int, tp: int) -> int:
+    """The elements of a per-rank grouped QKV that another rank's file holds too: with more ranks than KV heads,
+    each KV head is copied to the tp / g ranks whose query heads read it (parallel.layout), so only the first of
+    them counts its K and V rows."""
+    if config.multi_query_group_num is None or names.block_linear(name) != names.QKV or config.kv_heads % tp == 0:
+        return 0
+    copies = tp // config.kv_heads  # ranks holding the same KV head
+    if rank % copies == 0:
+        return 0
+    kv_rows = 2 * kv_heads_per_rank(config.kv_heads, tp) * config.head_dim
+    return _numel(shape) // shape[0] * kv_rows
 
 
 def _replicated(name: str) -> bool:

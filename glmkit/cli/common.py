@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glmkit.checkpoints.hf import CheckpointError
-from glmkit.generation.chat import CHAT_DEFAULTS
+from glmkit.generation.chat import CHAT_DEFAULTS, FAMILY_CHAT_DEFAULTS
 from glmkit.models.config import ConfigError
 from glmkit.parallel import tp as tp_lib
 from glmkit.pretrained import NoDefaultModelError, load
+from glmkit.text.formats import chat_format_for
 
 # A user's mistake (a missing directory, a bad value): one line on stderr and exit code 2, not a traceback.
 # pickle.UnpicklingError: a pickled file (a P-Tuning checkpoint, say) that torch's weights_only loader refused
@@ -87,11 +88,14 @@ def check_device(name: str) -> None:
 
 
 def load_from_args(args: argparse.Namespace, progress: bool = True):
-    """(model, tokenizer) as the model flags say."""
+    """(model, tokenizer) as the model flags say; ARGS also learns the model's own sampling defaults (what an
+    unset --temperature, --top-p, --top-k or --max-length means for the one-shot commands)."""
     check_device(args.device)
-    return load(args.model, dtype=args.dtype, device=args.device, progress=progress, quantize=args.quantize,
-                adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout,
-                quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"))
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=progress,
+                            quantize=args.quantize, adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout,
+                            quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"))
+    args.model_sampling_defaults = model_sampling_defaults(tokenizer)
+    return model, tokenizer
 
 
 def from_rank0(value, tp: int):
@@ -105,24 +109,50 @@ def text_argument(words: list[str], tp: int) -> str:
     return from_rank0(sys.stdin.read() if reads_stdin else " ".join(words), tp)
 
 
+# The flags whose default is the model's own (its family's official chat() default): None on the command line.
+MODEL_DEFAULT_FLAGS = ("temperature", "top_p", "top_k", "max_length")
+# ChatGLM-6B's (and GLM-130B's) chat format, and the families FAMILY_CHAT_DEFAULTS names, as the help says them.
+FAMILY_NAMES = {"chatglm-6b": "ChatGLM-6B", "chatglm2": "ChatGLM2", "chatglm3": "ChatGLM3", "glm4": "GLM-4"}
+
+
+def model_sampling_defaults(tokenizer) -> dict:
+    """The official chat() defaults of the tokenizer's family (what glmkit.generation.chat.chat_params applies)."""
+    defaults = {**CHAT_DEFAULTS, **FAMILY_CHAT_DEFAULTS.get(chat_format_for(tokenizer).name, {})}
+    return {k: defaults[k] for k in MODEL_DEFAULT_FLAGS}
+
+
+def model_default_help(key: str) -> str:
+    """"(default: the model's own: 0.95 for ChatGLM-6B, 0.8 for ChatGLM2/ChatGLM3/GLM-4)", from the tables."""
+    by_value: dict = {CHAT_DEFAULTS[key]: ["ChatGLM-6B"]}
+    for name, defaults in FAMILY_CHAT_DEFAULTS.items():
+        by_value.setdefault(defaults.get(key, CHAT_DEFAULTS[key]), []).append(FAMILY_NAMES.get(name, name))
+    if len(by_value) == 1:
+        return f"(default: the model's own, {CHAT_DEFAULTS[key]} for every family)"
+    shown = ", ".join(f"{value} for {'/'.join(names)}" for value, names in by_value.items())
+    return f"(default: the model's own, as its official chat() has it: {shown})"
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, sample_by_default: bool) -> None:
-    """Sampling and beam-search flags; chat samples by default (--greedy), the one-shot commands do not (--sample)."""
+    """Sampling and beam-search flags; chat samples by default (--greedy), the one-shot commands do not (--sample).
+    --temperature, --top-p, --top-k and --max-length default to the model family's own values (None here)."""
     group = parser.add_argument_group("sampling")
     parser.set_defaults(sample_by_default=sample_by_default)
     if sample_by_default:
         group.add_argument("--greedy", dest="do_sample", action="store_false", help="always pick the likeliest token")
     else:
         group.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=CHAT_DEFAULTS["temperature"],
-                       help="divides the logits: below 1 sharper, above 1 more varied (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=CHAT_DEFAULTS["top_p"],
-                       help="sample from the likeliest tokens that make up this probability (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=CHAT_DEFAULTS["top_k"],
-                       help="sample from this many likeliest tokens; 0 disables top-k (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=None,
+                       help="divides the logits: below 1 sharper, above 1 more varied "
+                            + model_default_help("temperature"))
+    group.add_argument("--top-p", type=float, default=None,
+                       help="sample from the likeliest tokens that make up this probability "
+                            + model_default_help("top_p"))
+    group.add_argument("--top-k", type=int, default=None,
+                       help="sample from this many likeliest tokens; 0 disables top-k " + model_default_help("top_k"))
     group.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="above 1: tokens already in the text become less likely (default: %(default)s)")
-    group.add_argument("--max-length", type=int, default=CHAT_DEFAULTS["max_length"],
-                       help="prompt plus answer, in tokens (default: %(default)s)")
+    group.add_argument("--max-length", type=int, default=None,
+                       help="prompt plus answer, in tokens " + model_default_help("max_length"))
     group.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     add_beam_args(parser)
 
@@ -142,13 +172,21 @@ def add_beam_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling flags as keyword arguments of SamplingParams / model.chat."""
+    """The sampling flags as keyword arguments of SamplingParams / model.chat.
+
+    A flag left unset (None: the model's own default) is left out for chat, so that chat_params applies the
+    family's chat() defaults; the one-shot commands build SamplingParams themselves, so for them it is filled
+    from the loaded model's defaults (load_from_args), else ChatGLM-6B's."""
     # Chat samples by default; beams replace sampling, so they switch that default off (--sample with
     # beams on `generate` still fails loudly).
-    do_sample = args.do_sample and not (args.num_beams > 1 and getattr(args, "sample_by_default", False))
+    chat = getattr(args, "sample_by_default", False)
+    do_sample = args.do_sample and not (args.num_beams > 1 and chat)
     early_stopping = {"true": True, "false": False}.get(args.early_stopping, "never")
-    return dict(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, max_length=args.max_length, seed=args.seed,
+    given = {key: getattr(args, key) for key in MODEL_DEFAULT_FLAGS if getattr(args, key) is not None}
+    if not chat:
+        defaults = getattr(args, "model_sampling_defaults", None) or {k: CHAT_DEFAULTS[k] for k in MODEL_DEFAULT_FLAGS}
+        given = {**defaults, **given}
+    return dict(do_sample=do_sample, **given, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early_stopping,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
 

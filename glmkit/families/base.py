@@ -53,15 +53,17 @@ class Family:
     fusions: tuple[Fusion, ...] = ()
     # config.json as it is on disk -> glmkit's keys (GLMConfig.from_dict), and a GLMConfig -> the family's own
     # config.json; None: the family's config.json is glmkit's (ChatGLM-6B's keys).
-    read_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # read_config also gets the directory config.json came from, when there is one (what the tokenizer files say
+    # about the generation: ChatGLM2 and ChatGLM3 share config.json's keys but not all their meanings).
+    read_config: Callable[[Mapping[str, Any], Path | None], dict[str, Any]] | None = None
     write_config: Callable[[GLMConfig], dict[str, Any]] | None = None
     # config.json key -> GLMConfig field, where read_config renames one: errors name the key the file has.
     renamed_keys: tuple[tuple[str, str], ...] = ()
 
-    def config(self, data: Mapping[str, Any]) -> GLMConfig:
-        """config.json's keys as glmkit's config."""
+    def config(self, data: Mapping[str, Any], directory: Path | None = None) -> GLMConfig:
+        """config.json's keys (from DIRECTORY, when known) as glmkit's config."""
         try:
-            config = GLMConfig.from_dict(self.read_config(data) if self.read_config else dict(data))
+            config = GLMConfig.from_dict(self.read_config(data, directory) if self.read_config else dict(data))
         except ConfigError as e:
             raise ConfigError(self._in_file_terms(str(e), data)) from e
         if config.position_layout != self.position_layout:

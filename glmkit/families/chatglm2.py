@@ -3,8 +3,10 @@
 One architecture (spec section 1): RMSNorm, pre-norm, grouped-query attention with the fused QKV blockwise,
 bias on QKV only, SwiGLU, rotary on the first half of each head in adjacent pairs, causal, untied output.
 config.json keys are THUDM's; the ones glmkit reads under other names are `padded_vocab_size` (vocab_size),
-`ffn_hidden_size` (inner_hidden_size), `seq_length` (max_sequence_length) and `rope_ratio` (rotary_base =
-10000 * rope_ratio). Everything else THUDM writes is kept as it was and written back.
+`ffn_hidden_size` (inner_hidden_size), `seq_length` (max_sequence_length) and `rope_ratio`: rotary_base =
+10000 * rope_ratio for ChatGLM3 (-32k, -128k) and GLM-4, but rotary_position_interpolation = rope_ratio (positions
+divided by it, base 10000) for ChatGLM2 (ChatGLM2-6B-32K's remote code; spec 1.1, pitfall 6). Everything else
+THUDM writes is kept as it was and written back.
 
 Told apart from ChatGLM-6B (same model_type) by the keys only the later generations write. Which of the three
 generations a directory holds is told by its tokenizer files (glmkit.text.auto.AutoTokenizer), and the chat
@@ -64,7 +66,7 @@ def variant(data: Mapping[str, Any], directory: str | Path | None = None) -> str
     return "chatglm3" if "chatglm3" in str(data.get("_name_or_path", "")).lower() else "chatglm2"
 
 
-def read_config(data: Mapping[str, Any]) -> dict[str, Any]:
+def read_config(data: Mapping[str, Any], directory: str | Path | None = None) -> dict[str, Any]:
     if data.get("multi_query_attention", True) is False:
         raise ConfigError("multi_query_attention false (full multi-head attention) is in no ChatGLM2/3 or GLM-4 "
                           "release; glmkit loads the grouped-query layout only")
@@ -81,10 +83,15 @@ def read_config(data: Mapping[str, Any]) -> dict[str, Any]:
     internal.update({field: data[key] for key, field in RENAMED_KEYS.items() if key in data})
     eos = data.get("eos_token_id", 2)
     eos = list(eos) if isinstance(eos, list | tuple) else [eos]
-    vocabulary = "glm-4" if variant(data) == "glm-4" else "sentencepiece"
+    generation = variant(data, directory)
+    vocabulary = "glm-4" if generation == "glm-4" else "sentencepiece"
+    ratio = float(data.get("rope_ratio", 1))
+    # ChatGLM2-6B-32K divides the positions by rope_ratio; ChatGLM3-32k/128k and GLM-4 multiply the base by it.
+    rope = (dict(rotary_base=ROPE_BASE, rotary_position_interpolation=ratio) if generation == "chatglm2"
+            else dict(rotary_base=ROPE_BASE * ratio))
     internal.update(
-        SPECIAL_IDS[vocabulary], eos_token_id=eos[0], additional_eos_token_ids=eos[1:],
-        pad_token_id=data.get("pad_token_id", 0), rotary_base=ROPE_BASE * float(data.get("rope_ratio", 1)),
+        SPECIAL_IDS[vocabulary], **rope, eos_token_id=eos[0], additional_eos_token_ids=eos[1:],
+        pad_token_id=data.get("pad_token_id", 0),
         # The architecture's fixed choices (spec 1.4-1.6).
         position_encoding_2d=False, causal=True, rotary_style="interleaved", partial_rotary_factor=0.5,
         mlp_type="swiglu", residual_alpha=1.0, tie_word_embeddings=data.get("tie_word_embeddings", False),
@@ -101,8 +108,12 @@ def write_config(config: GLMConfig) -> dict[str, Any]:
     data.update({key: getattr(config, field) for key, field in RENAMED_KEYS.items()})
     data.update({key: getattr(config, key) for key in SAME_KEYS})
     data["multi_query_attention"] = True
-    if "rope_ratio" in data or config.rotary_base != ROPE_BASE:
-        ratio = config.rotary_base / ROPE_BASE
+    if config.rotary_position_interpolation != 1 and config.rotary_base != ROPE_BASE:
+        raise ConfigError(f"a THUDM config.json has one rope_ratio: it cannot hold both rotary_base "
+                          f"{config.rotary_base} and rotary_position_interpolation "
+                          f"{config.rotary_position_interpolation}")
+    if "rope_ratio" in data or config.rotary_base != ROPE_BASE or config.rotary_position_interpolation != 1:
+        ratio = config.rotary_base / ROPE_BASE * config.rotary_position_interpolation
         data["rope_ratio"] = int(ratio) if ratio == int(ratio) else ratio
     eos = [config.eos_token_id, *config.additional_eos_token_ids]
     data["eos_token_id"] = eos if len(eos) > 1 else eos[0]

@@ -10,6 +10,7 @@ THUDM's order (gate first). config.json keys are transformers' (GlmConfig / Glm4
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from glmkit.families.base import Family, Fusion
@@ -33,7 +34,7 @@ DEFAULTS = {"vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 1369
 
 
 def _reader(model_type: str, sandwich: bool):
-    def read_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    def read_config(data: Mapping[str, Any], directory: Path | None = None) -> dict[str, Any]:
         if data.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"a {model_type} config with hidden_act {data['hidden_act']!r}: glmkit runs SwiGLU "
                               "(silu) only")

@@ -36,7 +36,8 @@ OPTIONAL_TOKEN_IDS = ("smask_token_id", "text_eos_token_id")
 ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "rmsnorm": False, "apply_residual_connection_post_layernorm": True, "post_layer_norm": True,
     "multi_query_group_num": None, "kv_channels": None, "add_bias_linear": True, "add_qkv_bias": False,
-    "rotary_style": "neox", "partial_rotary_factor": 1.0, "sandwich_norm": False, "causal": False,
+    "rotary_style": "neox", "partial_rotary_factor": 1.0, "rotary_position_interpolation": 1.0,
+    "sandwich_norm": False, "causal": False,
     "additional_eos_token_ids": [],
 }
 OPTIONAL_KEYS: dict[str, Any] = {"smask_token_id": None, "text_eos_token_id": None, "rotary_table_fp16": False,
@@ -73,6 +74,9 @@ class GLMConfig:
     # glmkit's explicit versions of what the official code fixes implicitly.
     residual_alpha: float = math.sqrt(2 * OFFICIAL_ALPHA_DEPTH)
     rotary_base: float = 10000.0
+    # Linear position interpolation: positions are divided by this before the rotary angles (ChatGLM2-6B-32K's
+    # rope_ratio, base 10000; ChatGLM3-32k/128k and GLM-4 scale rotary_base instead). 1: none.
+    rotary_position_interpolation: float = 1.0
     mlp_type: str = "gelu"
     # SwissArmyTransformer (GLM-130B) builds the rotary cos/sin table in fp16 whatever the model's dtype:
     # inv_freq, positions, their products and cos/sin are all rounded to fp16. Matching it moves fp32
@@ -154,6 +158,12 @@ class GLMConfig:
         if self.rotary_dim % 2 or self.rotary_dim < 2 or self.partial_rotary_factor > 1:
             raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} of a head of {self.head_dim} "
                               "does not give an even number of rotary dims")
+        if self.rotary_position_interpolation <= 0:
+            raise ConfigError(f"rotary_position_interpolation {self.rotary_position_interpolation} must be positive "
+                              "(positions are divided by it)")
+        if self.rotary_position_interpolation != 1 and self.rotary_style != "interleaved":
+            raise ConfigError("rotary_position_interpolation is implemented for the interleaved rotary only "
+                              "(ChatGLM2-6B-32K's); no ChatGLM-6B or GLM-130B release uses it")
         if self.causal and self.position_encoding_2d:
             raise ConfigError("causal models have 1D positions: set position_encoding_2d false")
         if self.mlp_type not in MLP_TYPES:

@@ -18,7 +18,9 @@
     biases           every linear            every linear          QKV only (add_bias_linear, add_qkv_bias)
     rotary           2D, NeoX halves on      1D, NeoX, full head,  1D, adjacent pairs on the first half of
                      each half of the head   fp16 table            each head, base 10000 * rope_ratio (rotary_style,
-                                                                   partial_rotary_factor, rotary_base)
+                                                                   partial_rotary_factor, rotary_base); ChatGLM2-
+                                                                   32K: positions / rope_ratio, base 10000
+                                                                   (rotary_position_interpolation)
     mlp              gelu(tanh)              x1 * gelu(x2)         silu(x1) * x2 (mlp_type swiglu)
     output layer     tied                    tied                  untied (tie_word_embeddings)
 
@@ -86,17 +88,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class InterleavedRotaryEmbedding(nn.Module):
     """ChatGLM2/3, GLM-4 and transformers' glm/glm4: theta_i = base^(-2i/dim), angles p * theta_i in fp32,
     cos/sin cast to the activations' dtype once (as the ChatGLM3/GLM-4 code and transformers do), each value
-    repeated for the two dims (2i, 2i+1) of its pair."""
+    repeated for the two dims (2i, 2i+1) of its pair. With `interpolation` (ChatGLM2-6B-32K's rope_ratio) p is
+    the position divided by it."""
 
-    def __init__(self, dim: int, base: float) -> None:
+    def __init__(self, dim: int, base: float, interpolation: float = 1.0) -> None:
         super().__init__()
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.interpolation = dim, base, interpolation
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, S] -> cos, sin [B, S, 1, dim]."""
         theta = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32)
                                     / self.dim)
-        angles = (positions.float()[..., None] * theta).repeat_interleave(2, dim=-1)[:, :, None, :]
+        p = positions.float() if self.interpolation == 1 else positions.float() / self.interpolation
+        angles = (p[..., None] * theta).repeat_interleave(2, dim=-1)[:, :, None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -413,7 +417,8 @@ class GLMTransformer(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
         self.final_layernorm = norm(config) if config.post_layer_norm else nn.Identity()
         if config.rotary_style == "interleaved":
-            self.rotary = InterleavedRotaryEmbedding(config.rotary_dim, config.rotary_base)
+            self.rotary = InterleavedRotaryEmbedding(config.rotary_dim, config.rotary_base,
+                                                     config.rotary_position_interpolation)
         else:
             self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, config.rotary_table_fp16)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None

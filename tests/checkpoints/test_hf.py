@@ -148,3 +148,26 @@ def test_invalid_config_values(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"padded_vocab_size": 65024, "multi_query_group_num": 2}))
     with pytest.raises(ConfigError, match="ChatGLM2"):
         GLMForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("tp, bits", [(2, 0), (4, 0), (4, 8), (4, 4)])
+def test_info_counts_a_resharded_grouped_query_model_once(tmp_path, tp, bits):
+    """2 KV heads over 4 ranks: each KV head is copied to the 2 ranks whose query heads read it; `glmkit info`
+    counts it once, as for the unsharded checkpoint (over 2 ranks the KV heads are split, nothing is copied)."""
+    from glmkit.cli import main as cli_main
+    from glmkit.families import chatglm2
+    from glmkit.quant.quantize import quantize_model
+
+    from layouts import thudm_config
+
+    model = random_model(chatglm2.FAMILY.config(thudm_config(padded_vocab_size=256)), seed=6)
+    assert (model.config.num_attention_heads, model.config.kv_heads) == (4, 2)
+    parameters = sum(p.numel() for p in model.parameters())
+    if bits:
+        model = quantize_model(model, bits, 8 if bits == 4 else 0)
+    model.save_pretrained(tmp_path / "whole")
+    assert cli_main(["reshard", str(tmp_path / "whole"), str(tmp_path / "sharded"), "--tp", str(tp)]) == 0
+    whole = describe(tmp_path / "whole")["parameters"]
+    assert whole == parameters
+    sharded = describe(tmp_path / "sharded")
+    assert len(sharded["weight_files"]) == tp and sharded["parameters"] == whole

@@ -190,6 +190,10 @@ def test_every_help_shows_every_default():
     for path, parser in walk(build_parser()):
         if path == ("generate",):
             text = " ".join(parser.format_help().split())
-            assert "(default: 0.95)" in text and "(default: 0.7)" in text and "(default: 50)" in text
+            # the model's own defaults, per family (--temperature, --top-p, --top-k, --max-length are None)
+            for shown in ("0.95 for ChatGLM-6B, 0.8 for ChatGLM2/ChatGLM3/GLM-4",
+                          "0.7 for ChatGLM-6B, 0.8 for ChatGLM2/ChatGLM3/GLM-4", "50 for every family",
+                          "2048 for ChatGLM-6B, 8192 for ChatGLM2/ChatGLM3/GLM-4"):
+                assert shown in text, shown
         if path == ("serve",):
             assert "(default: 8000)" in " ".join(parser.format_help().split())

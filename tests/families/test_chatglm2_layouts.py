@@ -92,8 +92,9 @@ def test_chatglm3_is_told_by_its_tokenizer_files(tmp_path):
     assert variant(thudm_config(), tmp_path) == "chatglm3"
 
 
-def test_glm4_rope_ratio_is_the_base_and_goes_back_as_written(tmp_path):
-    config = thudm_config(rope_ratio=500, padded_vocab_size=VOCAB)
+def test_chatglm3_and_glm4_rope_ratio_is_the_base_and_goes_back_as_written(tmp_path):
+    # (ChatGLM2's rope_ratio divides the positions instead: tests/models/test_rope_ratio.py)
+    config = thudm_config(rope_ratio=500, padded_vocab_size=VOCAB, _name_or_path="THUDM/chatglm3-6b-128k")
     model = GLMForCausalLM.from_pretrained(write_checkpoint(tmp_path / "a", thudm_state(), config), progress=False)
     assert model.config.rotary_base == 5_000_000
     assert json.loads((model.save_pretrained(tmp_path / "b") / "config.json").read_text())["rope_ratio"] == 500
