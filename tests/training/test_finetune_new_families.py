@@ -30,7 +30,8 @@ RECORDS = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}", "history
 
 
 @pytest.fixture(scope="module")
-def chatglm3_model(chatglm3_dir, tmp_path_factory) -> Path:
+def chatglm3_fp32_model(chatglm3_dir, tmp_path_factory) -> Path:
+    """An fp32 ChatGLM3 model (trainable in fp32, unlike the shared fp16 chatglm3_model)."""
     out = tmp_path_factory.mktemp("chatglm3-model")
     random_model(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512, torch_dtype="float32")),
                  seed=0).save_pretrained(out)
@@ -52,8 +53,8 @@ def logits(model, tokenizer):
         return model(ids).logits[0]
 
 
-def test_lora_trains_saves_in_thudm_names_reloads_and_merges(chatglm3_model, tmp_path):
-    model, tokenizer = glmkit.load(chatglm3_model, progress=False)
+def test_lora_trains_saves_in_thudm_names_reloads_and_merges(chatglm3_fp32_model, tmp_path):
+    model, tokenizer = glmkit.load(chatglm3_fp32_model, progress=False)
     finetune(model, tokenizer, RECORDS, tmp_path / "lora", quick("lora"), progress=False)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["query_key_value"]  # PEFT's ChatGLM default
@@ -62,14 +63,14 @@ def test_lora_trains_saves_in_thudm_names_reloads_and_merges(chatglm3_model, tmp
     assert keys == {f"base_model.model.transformer.encoder.layers.{i}.self_attention.query_key_value.lora_{ab}.weight"
                     for i in range(2) for ab in "AB"}
     expected = logits(model, tokenizer)
-    reloaded = GLMForCausalLM.from_pretrained(chatglm3_model, progress=False, adapter=tmp_path / "lora")
+    reloaded = GLMForCausalLM.from_pretrained(chatglm3_fp32_model, progress=False, adapter=tmp_path / "lora")
     torch.testing.assert_close(logits(reloaded, tokenizer), expected, atol=0, rtol=0)
     merge_adapter(reloaded)
     assert not any(isinstance(m, LoRALinear) for m in reloaded.modules())
     torch.testing.assert_close(logits(reloaded, tokenizer), expected, atol=1e-5, rtol=0)
     from glmkit.cli import main as cli_main
 
-    assert cli_main(["merge", "--model", str(chatglm3_model), "--adapter", str(tmp_path / "lora"),
+    assert cli_main(["merge", "--model", str(chatglm3_fp32_model), "--adapter", str(tmp_path / "lora"),
                      "--output", str(tmp_path / "merged")]) == 0
     merged = GLMForCausalLM.from_pretrained(tmp_path / "merged", progress=False)
     torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-5, rtol=0)
@@ -78,8 +79,8 @@ def test_lora_trains_saves_in_thudm_names_reloads_and_merges(chatglm3_model, tmp
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "projection"])
-def test_p_tuning_v2_trains_in_the_official_chatglm2_3_layout_and_reloads(chatglm3_model, tmp_path, projection):
-    model, tokenizer = glmkit.load(chatglm3_model, progress=False)
+def test_p_tuning_v2_trains_in_the_official_chatglm2_3_layout_and_reloads(chatglm3_fp32_model, tmp_path, projection):
+    model, tokenizer = glmkit.load(chatglm3_fp32_model, progress=False)
     base = logits(model, tokenizer)
     finetune(model, tokenizer, RECORDS, tmp_path / "pt", quick("ptuning", prefix_projection=projection),
              progress=False)
@@ -96,7 +97,7 @@ def test_p_tuning_v2_trains_in_the_official_chatglm2_3_layout_and_reloads(chatgl
                           "transformer.prefix_encoder.trans.2.bias": (kv_size,)}
     else:
         assert shapes == {"transformer.prefix_encoder.embedding.weight": (4, kv_size)}
-    reloaded = GLMForCausalLM.from_pretrained(chatglm3_model, progress=False, adapter=tmp_path / "pt")
+    reloaded = GLMForCausalLM.from_pretrained(chatglm3_fp32_model, progress=False, adapter=tmp_path / "pt")
     torch.testing.assert_close(logits(reloaded, tokenizer), expected, atol=0, rtol=0)
     # merged: the official P-Tuning model directory (config pre_seq_len, transformer.prefix_encoder.* weights)
     merge_adapter(reloaded).save_pretrained(tmp_path / "merged")
@@ -115,15 +116,15 @@ def batch_loss(model, tokenizer) -> float:
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning"])
-def test_training_lowers_the_loss_on_the_answers(chatglm3_model, tmp_path, method):
-    model, tokenizer = glmkit.load(chatglm3_model, progress=False)
+def test_training_lowers_the_loss_on_the_answers(chatglm3_fp32_model, tmp_path, method):
+    model, tokenizer = glmkit.load(chatglm3_fp32_model, progress=False)
     before = batch_loss(model, tokenizer)
     finetune(model, tokenizer, RECORDS, tmp_path / method, quick(method), progress=False)
     assert batch_loss(model, tokenizer) < before - 0.05, method
 
 
-def test_causal_examples_learn_the_answer_and_the_end_token(chatglm3_model):
-    tokenizer = glmkit.load(chatglm3_model, progress=False)[1]
+def test_causal_examples_learn_the_answer_and_the_end_token(chatglm3_fp32_model):
+    tokenizer = glmkit.load(chatglm3_fp32_model, progress=False)[1]
     example = chat_examples(RECORDS[:1], tokenizer, 32, 16, chat_format_for(tokenizer))[0]
     prompt = tokenizer.build_chat_input(RECORDS[0]["prompt"])["input_ids"][0].tolist()
     answer = tokenizer.encode("3", add_special_tokens=False)
@@ -132,25 +133,25 @@ def test_causal_examples_learn_the_answer_and_the_end_token(chatglm3_model):
     assert example.positions == list(range(len(prompt) + len(answer))) and example.context_length == 0
 
 
-def test_an_official_chatglm3_p_tuning_checkpoint_written_by_hand_loads(chatglm3_model, tmp_path):
+def test_an_official_chatglm3_p_tuning_checkpoint_written_by_hand_loads(chatglm3_fp32_model, tmp_path):
     """ptuning/main.py's output: the THUDM config.json with pre_seq_len and prefix_projection, and the prefix in
     pytorch_model.bin (or model.safetensors) under the official names."""
-    model, tokenizer = glmkit.load(chatglm3_model, progress=False)
+    model, tokenizer = glmkit.load(chatglm3_fp32_model, progress=False)
     g = torch.Generator().manual_seed(3)
     prefix = torch.randn(3, 2 * 2 * 2 * 16, generator=g)  # [pre_seq_len, kv_size]
-    config = {**json.loads((chatglm3_model / "config.json").read_text()), "pre_seq_len": 3, "prefix_projection": False}
+    config = {**json.loads((chatglm3_fp32_model / "config.json").read_text()), "pre_seq_len": 3, "prefix_projection": False}
     for writer, name in ((torch.save, "pytorch_model.bin"), (save_file, "model.safetensors")):
         out = tmp_path / name
         out.mkdir()
         (out / "config.json").write_text(json.dumps(config))
         state = {"transformer.prefix_encoder.embedding.weight": prefix}
         writer(state, str(out / name))
-        loaded = GLMForCausalLM.from_pretrained(chatglm3_model, progress=False, adapter=out)
+        loaded = GLMForCausalLM.from_pretrained(chatglm3_fp32_model, progress=False, adapter=out)
         # the official view: row p = (layer, key/value, kv head, dim); layer i's keys at [i, 0]
         want = prefix.view(3, 2, 2, 2, 16).permute(1, 2, 3, 0, 4)
         with torch.no_grad():
             torch.testing.assert_close(loaded.transformer.prefix_encoder(torch.float32), want)
-        by_hand = glmkit.load(chatglm3_model, progress=False)[0]
+        by_hand = glmkit.load(chatglm3_fp32_model, progress=False)[0]
         add_prefix(by_hand, 3).embedding.weight.data.copy_(prefix)
         by_hand.eval()
         torch.testing.assert_close(logits(loaded, tokenizer), logits(by_hand, tokenizer), atol=0, rtol=0)
