@@ -24,8 +24,8 @@ from layouts import thudm_config
 _spec = importlib.util.spec_from_file_location("text_tokenizers", Path(__file__).parents[1] / "text" / "conftest.py")
 _text = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_text)
-sp_model_bytes, chatglm3_dir, glm4_fast_model, glm4_dir = (
-    _text.sp_model_bytes, _text.chatglm3_dir, _text.glm4_fast_model, _text.glm4_dir)
+sp_model_bytes, chatglm2_dir, chatglm3_dir, glm4_fast_model, glm4_dir = (
+    _text.sp_model_bytes, _text.chatglm2_dir, _text.chatglm3_dir, _text.glm4_fast_model, _text.glm4_dir)
 
 QUERIES = ["你好", "What is the weather like?", "tell me more", "北京 get_weather", "thanks, bye"]
 
@@ -191,3 +191,21 @@ def test_chatglm_6b_prefix_lm_always_prefills_in_full(tokenizer, tmp_path):
     response, _ = model.chat(tok, "再说一遍", history, do_sample=False, max_length=300)
     assert model.last_prefill.cached == 0 and model.__dict__.get("_retained_kv") is None
     assert response == model.chat(tok, "再说一遍", history, do_sample=False, max_length=300, reuse_cache=False)[0]
+
+
+def test_chatglm2_tuple_history_turns_reuse_and_stay_exact(chatglm2_dir):
+    """ChatGLM2's `[Round n]` text format is causal too: its (query, response) turns reuse the cache alike."""
+    from glmkit.text.chatglm3_tokenizer import ChatGLM2Tokenizer
+
+    tokenizer = ChatGLM2Tokenizer.from_pretrained(chatglm2_dir)
+    model = random_causal_model(-(-len(tokenizer) // 64) * 64)
+    runs = {}
+    for reuse in (False, True):
+        history, turns = [], []
+        for query in QUERIES:
+            response, history = model.chat(tokenizer, query, history, reuse_cache=reuse, do_sample=False,
+                                           max_new_tokens=10)
+            turns.append((response, model.last_prefill.cached))
+        runs[reuse] = (history, turns)
+    assert runs[True][0] == runs[False][0] and [r for r, _ in runs[True][1]] == [r for r, _ in runs[False][1]]
+    assert all(cached > 0 for _, cached in runs[True][1][1:])
