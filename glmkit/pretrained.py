@@ -96,18 +96,23 @@ class GLMForCausalLM(GLM):
         return stream_tokens(self, [row.tolist() for row in input_ids], params)
 
     def chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None, role: str = "user",
-             **kwargs: Any) -> tuple[str | dict[str, Any], chat_lib.History]:
+             reuse_cache: bool = True, **kwargs: Any) -> tuple[str | dict[str, Any], chat_lib.History]:
         """The official signature of the tokenizer's family: ChatGLM-6B chat(tokenizer, query, history=[],
         max_length=2048, top_p=0.7, temperature=0.95) with (query, response) tuples; ChatGLM2 the same with
         max_length=8192, top_p=0.8, temperature=0.8; ChatGLM3/GLM-4 also `role=` ("user", "observation", ...)
-        and a history of role messages, the response as process_response returns it (a dict for a tool call)."""
+        and a history of role messages, the response as process_response returns it (a dict for a tool call).
+
+        reuse_cache (causal families): keep this turn's KV cache on the model, and prefill only what the last
+        turn's cache lacks (the same answer; `clear_kv_cache()` frees it, and must be called after changing the
+        weights in place between turns)."""
         self.chat_format = chat_format_for(tokenizer)
-        return chat_lib.chat(self, tokenizer, query, history, role, **kwargs)
+        return chat_lib.chat(self, tokenizer, query, history, role, reuse_cache, **kwargs)
 
     def stream_chat(self, tokenizer: Tokenizer, query: str, history: chat_lib.History | None = None,
-                    role: str = "user", **kwargs: Any) -> Iterator[tuple[str | dict[str, Any], chat_lib.History]]:
+                    role: str = "user", reuse_cache: bool = True,
+                    **kwargs: Any) -> Iterator[tuple[str | dict[str, Any], chat_lib.History]]:
         self.chat_format = chat_format_for(tokenizer)
-        return chat_lib.stream_chat(self, tokenizer, query, history, role, **kwargs)
+        return chat_lib.stream_chat(self, tokenizer, query, history, role, reuse_cache, **kwargs)
 
     def process_response(self, output: str, history: list[dict[str, Any]] | None = None,
                          tokenizer: Tokenizer | None = None) -> Any:

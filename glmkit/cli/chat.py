@@ -83,7 +83,9 @@ def ctrl_c_stops() -> Iterator[threading.Event]:
 def answer_turn(model, tokenizer, query: str, history: list, options: dict) -> list | None:
     """Stream one answer; return the history with this turn, in the family's own shape (ChatGLM3 and GLM-4
     keep role messages, and a tool call comes back as a dict, shown as JSON). Ctrl-C stops the answer: what was
-    written stays on the screen, but the turn is not kept (a cut-off answer would derail the next turns): None."""
+    written stays on the screen, but the turn is not kept (a cut-off answer would derail the next turns): None.
+    The model keeps the turn's KV cache either way (options' reuse_cache, on by default): the next turn prefills
+    only what its prompt does not share with the cached ids, so a dropped turn costs nothing but its own tokens."""
     new_history = history
 
     def replies() -> Iterator[str]:
@@ -114,6 +116,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """Chat samples by default: a conversation reads better varied than greedy."""
     add_model_args(parser)
     add_sampling_args(parser, sample_by_default=True)
+    parser.add_argument("--no-cache-reuse", dest="cache_reuse", action="store_false",
+                        help="prefill every turn's whole prompt instead of continuing the last turn's KV cache "
+                             "(ChatGLM2/3, GLM-4; the answers are the same, only slower)")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -129,12 +134,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if query.strip() == "clear":
             history = []
+            model.clear_kv_cache()  # the last turn's retained cache too
             print("(conversation cleared)")
             continue
         if not query.strip():
             continue
         try:
-            new_history = answer_turn(model, tokenizer, query, history, sampling_kwargs(args))
+            options = {**sampling_kwargs(args), "reuse_cache": getattr(args, "cache_reuse", True)}
+            new_history = answer_turn(model, tokenizer, query, history, options)
         except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"(not answered: {e}; raise --max-length or type 'clear' to start over)")
             continue

@@ -8,6 +8,13 @@ system text, reply clean-up, end tokens) is the `ChatFormat` of the tokenizer's 
 
 Unlike the official ChatGLM3/GLM-4 chat(), which drops the last generated id whatever it is (pitfall 25), the
 answer here is every id before the first stop id: a reply cut by max_length keeps its last real token.
+
+KV-cache reuse across turns (`reuse_cache=True`, the default): on the causal families (ChatGLM2/3, GLM-4) a turn
+keeps its KV cache on the model, and the next turn prefills only the ids after the longest common prefix of its
+prompt and the cached ids (the previous prompt and reply). The prompt is the same full prompt as without reuse
+(unlike the official stream_chat with past_key_values, which feeds build_chat_input of the new message alone,
+`[gMASK] sop` included, mid-sequence), so the answer is the same. ChatGLM-6B (2D prefix-LM) and beams always
+prefill in full.
 """
 
 from __future__ import annotations
@@ -35,17 +42,19 @@ FAMILY_CHAT_DEFAULTS: dict[str, dict[str, Any]] = {"chatglm2": _V2_DEFAULTS, "ch
                                                    "glm4": _V2_DEFAULTS}
 
 
-def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
+def stream_text(model: GLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                reuse_cache: bool = False) -> Iterator[str]:
     """Yield the answer so far after each token that changes it; end on an end token or a stop string.
 
-    With beams the answer is known only when the search ends, so it is yielded once."""
+    With beams the answer is known only when the search ends, so it is yielded once. `reuse_cache`: start from
+    the KV cache the last call with reuse left on the model, and leave this one's (see stream_tokens)."""
     if params.num_beams > 1:
         yield beam_text(model, tokenizer, prompt_ids, params)
         return
     eos = set(end_tokens(model, params))
     new: list[int] = []
     stream = TextStream(params.stop)
-    for tokens in stream_tokens(model, [prompt_ids], params):
+    for tokens in stream_tokens(model, [prompt_ids], params, reuse_cache=reuse_cache):
         token = int(tokens[0])
         if token in eos:
             break
@@ -96,13 +105,17 @@ def role_history(history: History) -> list[dict[str, Any]]:
 
 
 def stream_chat(
-    model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, role: str = "user", **kwargs: Any
+    model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, role: str = "user",
+    reuse_cache: bool = True, **kwargs: Any
 ) -> Iterator[tuple[str | dict[str, Any], History]]:
     """Yield (response so far, history including this turn), as the official stream_chat does.
 
     ChatGLM-6B/ChatGLM2: history + [(query, response)]. ChatGLM3/GLM-4: history + [{"role": role, "content":
     query}] + one assistant message per reply segment, and the response as process_response gives it (text, or
-    {"name", "parameters"} for a tool call when history[0] is a system message with "tools")."""
+    {"name", "parameters"} for a tool call when history[0] is a system message with "tools").
+
+    `reuse_cache` (causal families, no beams): prefill only what the last turn's cache does not already hold
+    (see the module's docstring); False prefills the whole prompt and keeps no cache."""
     params = chat_params(model, tokenizer, **kwargs)
     fmt = chat_format_for(tokenizer)
     if not has_roles(fmt):
@@ -110,25 +123,26 @@ def stream_chat(
             raise ChatFormatError(f"{fmt.name}'s chat has no roles (role={role!r}): only user queries")
         pairs = list(history or [])
         prompt_ids = fmt.prompt_ids(tokenizer, query, pairs)
-        for text in stream_text(model, tokenizer, prompt_ids, params):
+        for text in stream_text(model, tokenizer, prompt_ids, params, reuse_cache):
             response = fmt.parse(text)
             yield response, pairs + [(query, response)]
         return
     messages = role_history(history or [])
     prompt_ids = fmt.prompt_ids(tokenizer, query, messages, role=role)
     asked = [*messages, {"role": role, "content": query}]
-    for text in stream_text(model, tokenizer, prompt_ids, params):
+    for text in stream_text(model, tokenizer, prompt_ids, params, reuse_cache):
         yield fmt.process_response(text, asked)
 
 
 def chat(model: GLM, tokenizer: Tokenizer, query: str, history: History | None = None, role: str = "user",
-         **kwargs: Any) -> tuple[str | dict[str, Any], History]:
+         reuse_cache: bool = True, **kwargs: Any) -> tuple[str | dict[str, Any], History]:
     """One full answer: (response, history with this turn), in the family's history shape (see stream_chat)."""
     fmt = chat_format_for(tokenizer)
     if has_roles(fmt):
         response, new_history = fmt.process_response("", [*role_history(history or []), {"role": role, "content": query}])
     else:
         response, new_history = "", [*(history or []), (query, "")]
-    for response, new_history in stream_chat(model, tokenizer, query, history, role, **kwargs):  # noqa: B007
+    for response, new_history in stream_chat(model, tokenizer, query, history, role, reuse_cache,  # noqa: B007
+                                             **kwargs):
         pass
     return response, new_history

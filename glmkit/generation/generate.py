@@ -5,6 +5,13 @@ a generator that yields each step's new tokens, so streaming is the default and 
 answer is just draining it. Prompts of different lengths are left-padded with the *tokenizer's*
 layout (pads hidden, positions restarting at each prompt's first real token), so a prompt decodes
 the same alone or in a batch.
+
+KV-cache reuse (`stream_tokens(..., reuse_cache=True)`, what chat's follow-up turns use): a one-row generation
+under a causal layout keeps its cache on the model when it ends (`GLM.retain_kv_cache`, with the ids it holds:
+the prompt and every generated token fed back); the next one-row generation with reuse prefills only what
+follows the longest common prefix of its prompt and those ids (`prefill_reusing`). Positions under a causal
+layout are 0..L-1 whatever comes later, so a prefix's keys and values are the same in the longer sequence:
+the result equals a full prefill's up to float rounding of a differently shaped sum.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from glmkit.generation.sampling import SamplingParams  # still importable from here too
 from glmkit.models.glm import GLM
-from glmkit.models.positions import padded_layout
+from glmkit.models.positions import PositionLayout, padded_layout
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -126,12 +133,46 @@ def prefill(model: GLM, sequences: Sequence[Sequence[int]], total_slots: int,
     batch = {k: v.to(model.device) for k, v in padded_layout(sequences, model.special_ids, layout=layout).items()}
     model.setup_kv_cache(cache_rows or len(sequences), total_slots)
     out = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], cache_position=0, last_only=True)
+    model.last_prefill = PrefillStats(cached=0, computed=batch["input_ids"].numel())
     pad_slots = batch["input_ids"].new_zeros(batch["input_ids"].shape, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         pad_slots[row, : batch["input_ids"].shape[1] - len(seq)] = True
     step = torch.tensor([layout.step(s, model.special_ids) for s in sequences], device=model.device)
     state = DecodeState(batch["input_ids"].shape[1], batch["position_ids"][:, :, -1:], pad_slots, step[..., None])
     return out.logits[:, -1].float(), state
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """The last prefill's split of the prompt (model.last_prefill): what the cache already held, what was run."""
+
+    cached: int  # leading prompt tokens whose keys and values came from the retained cache
+    computed: int  # prompt tokens (all rows, pads included) run through the model
+
+
+def keeps_prefix(layout: PositionLayout) -> bool:
+    """True where a prefix's keys and values stay valid when the sequence grows: positions 0..L-1, causal
+    attention. Not ChatGLM-6B's 2D or GLM-130B's 1D prefix-LM: their context is read bidirectionally up to
+    <sop> (and ChatGLM-6B's prompt ends with [gMASK] <sop>, its rounds re-rendered), so every turn prefills anew."""
+    return layout.name == "causal"
+
+
+@torch.inference_mode()
+def prefill_reusing(model: GLM, ids: Sequence[int], total_slots: int) -> tuple[torch.Tensor, DecodeState]:
+    """One unpadded prompt under a causal layout: reuse the retained cache's common prefix with `ids` and encode
+    only the rest, at positions reused..L-1 seeing the cached slots; the last position's logits [1, V]."""
+    reused = model.resume_kv_cache(ids, total_slots)
+    device = model.device
+    rest = torch.tensor([list(ids[reused:])], dtype=torch.long, device=device)
+    count = rest.shape[1]
+    positions = torch.arange(reused, len(ids), device=device).view(1, 1, count)
+    blocked = torch.ones(count, count, dtype=torch.bool, device=device).triu(1)
+    mask = torch.cat([blocked.new_zeros(count, reused), blocked], dim=1)[None, None]
+    out = model(rest, positions, mask, cache_position=reused, last_only=True)
+    model.last_prefill = PrefillStats(cached=reused, computed=count)
+    pad_slots = torch.zeros(1, len(ids), dtype=torch.bool, device=device)
+    step = torch.ones(1, 1, 1, dtype=torch.long, device=device)
+    return out.logits[:, -1].float(), DecodeState(len(ids), positions[:, :, -1:], pad_slots, step)
 
 
 @torch.inference_mode()
@@ -144,11 +185,14 @@ def decode_one_token(model: GLM, tokens: torch.Tensor, state: DecodeState) -> to
     return out.logits[:, -1].float()
 
 
-def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
+def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: SamplingParams,
+                  reuse_cache: bool = False) -> Iterator[torch.Tensor]:
     """Yield each step's new token per row ([B] LongTensor); rows that have finished yield the pad id.
 
     Stops when every row has produced an end token or the budget (max_new_tokens / max_length /
-    context) runs out. The KV cache is released when the generator is closed."""
+    context) runs out. The KV cache is released when the generator is closed; with `reuse_cache` (one
+    prompt, causal layout) it is retained instead, ended early or not, for the next call with reuse
+    to start from (an error mid-way releases it)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("generation needs at least one non-empty prompt")
     prompt_length = max(len(s) for s in sequences)
@@ -163,8 +207,14 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
         seen[row, torch.tensor(list(seq), device=device)] = True
     finished = torch.zeros(len(sequences), dtype=torch.bool, device=device)
     history: list[list[int]] = [[] for _ in sequences]
+    reuse = reuse_cache and len(sequences) == 1 and keeps_prefix(model.position_layout)
+    fed = list(sequences[0])  # reuse: the ids whose keys and values the cache holds
+    intact = True
     try:
-        logits, state = prefill(model, sequences, total_slots)
+        if reuse:
+            logits, state = prefill_reusing(model, sequences[0], total_slots)
+        else:
+            logits, state = prefill(model, sequences, total_slots)
         for step in range(budget):
             scores = ban_tokens(process_logits(logits, seen, params), history, params, eos_ids)
             tokens = sample(scores, params, generator)
@@ -177,8 +227,15 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
             if bool(finished.all()) or step == budget - 1:
                 return
             logits = decode_one_token(model, tokens, state)
+            fed.append(history[0][-1])
+    except BaseException as error:
+        intact = isinstance(error, GeneratorExit)  # closed between steps: the cache still holds `fed`
+        raise
     finally:
-        model.clear_kv_cache()
+        if reuse and intact:
+            model.retain_kv_cache(fed)
+        else:
+            model.clear_kv_cache()
 
 
 def end_tokens(model: GLM, params: SamplingParams) -> list[int]:

@@ -32,7 +32,7 @@ official convention: bool, True = blocked. The KV cache holds the key/value head
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -160,6 +160,41 @@ class KVCache(nn.Module):
     def _check_room(self, end: int) -> None:
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; writing up to {end} overflows it")
+
+    def grown(self, max_length: int, keep: int) -> KVCache:
+        """A cache of `max_length` slots holding this one's first `keep` (a follow-up that needs more room)."""
+        batch, heads, _, head_dim = self.k.shape
+        bigger = KVCache(batch, max_length, heads, head_dim, self.k.dtype, self.k.device)
+        bigger.k[:, :, :keep] = self.k[:, :, :keep]
+        bigger.v[:, :, :keep] = self.v[:, :, :keep]
+        return bigger
+
+
+@dataclass
+class RetainedKV:
+    """A finished one-row generation's caches, kept off the layers together with the ids they hold (slot i holds
+    the keys and values of ids[i]), for a follow-up request whose ids start the same way: chat's next turn.
+
+    Valid only under a causal layout, where a token's keys and values depend on the tokens before it alone (the
+    prefix-LM layouts re-read their whole context bidirectionally). Any setup_kv_cache or clear_kv_cache drops it,
+    so a model used for anything else in between (generate, beams, infilling, the engine) starts afresh."""
+
+    ids: tuple[int, ...]
+    caches: list[KVCache]
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading ids `ids` shares with the cached ones."""
+        n = 0
+        for cached, new in zip(self.ids, ids, strict=False):
+            if cached != new:
+                break
+            n += 1
+        return n
+
+    def matches(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """False once the model moved or changed dtype since the caches were written."""
+        k = self.caches[0].k
+        return k.dtype == dtype and k.device == device
 
 
 @dataclass
@@ -489,6 +524,7 @@ class GLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_output()
+        self._retained_kv: RetainedKV | None = None
 
     def tie_output(self) -> None:
         """Point the output layer at the embedding table again (after loading or swapping the table)."""
@@ -554,8 +590,9 @@ class GLM(nn.Module):
 
     def setup_kv_cache(self, batch_size: int, max_length: int) -> None:
         """Allocate every layer's cache once, so decoding never reallocates (for the layer's own heads:
-        under tensor parallelism, the rank's share)."""
+        under tensor parallelism, the rank's share). Drops a retained cache (retain_kv_cache)."""
         c = self.config
+        self._retained_kv = None
         for layer in self.transformer.layers:
             layer.attention.kv_cache = KVCache(
                 batch_size, max_length, layer.attention.num_kv_heads, c.head_dim, self.dtype, self.device
@@ -584,5 +621,32 @@ class GLM(nn.Module):
             layer.attention.kv_cache.select_rows(rows, length)
 
     def clear_kv_cache(self) -> None:
+        """Free the caches, a retained one (retain_kv_cache) included."""
+        self._retained_kv = None
         for layer in self.transformer.layers:
             layer.attention.kv_cache = None
+
+    def retain_kv_cache(self, ids: Sequence[int]) -> None:
+        """End a one-row generation whose caches hold `ids` (slots 0..len(ids)-1) like clear_kv_cache, but keep
+        the caches aside for resume_kv_cache. Anything else (no cache, several rows, a non-causal layout) clears."""
+        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
+        self.clear_kv_cache()
+        if (self.position_layout.name == "causal" and ids and all(c is not None for c in caches)
+                and caches[0].k.shape[0] == 1 and len(ids) <= caches[0].k.shape[2]):
+            self._retained_kv = RetainedKV(tuple(ids), caches)
+
+    def resume_kv_cache(self, ids: Sequence[int], max_length: int) -> int:
+        """Set up a one-row cache of at least `max_length` slots for a sequence starting with `ids`, reusing the
+        retained caches over the longest prefix `ids` shares with theirs (at most len(ids) - 1: the last id is fed
+        again for its logits). Returns how many leading ids the cache already holds; 0: a fresh cache."""
+        kept = self.__dict__.get("_retained_kv")
+        reused = 0
+        if kept is not None and self.position_layout.name == "causal" and kept.matches(self.dtype, self.device):
+            reused = min(kept.common_prefix(ids), len(ids) - 1)
+        if reused <= 0:
+            self.setup_kv_cache(1, max_length)
+            return 0
+        self._retained_kv = None
+        for layer, cache in zip(self.transformer.layers, kept.caches, strict=True):
+            layer.attention.kv_cache = cache if cache.k.shape[2] >= max_length else cache.grown(max_length, reused)
+        return reused
