@@ -3,40 +3,12 @@ full, and the conversation reads the same either way."""
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
-import torch
 
 import glmkit
 from glmkit.cli import build_parser
 from glmkit.cli.chat import answer_turn
-from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
-
-from layouts import thudm_config
-
-_spec = importlib.util.spec_from_file_location("text_tokenizers", Path(__file__).parents[1] / "text" / "conftest.py")
-_text = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_text)
-sp_model_bytes, chatglm3_dir = _text.sp_model_bytes, _text.chatglm3_dir
-
-
-@pytest.fixture(scope="module")
-def chatglm3_model(chatglm3_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chatglm3-cli")
-    torch.manual_seed(0)
-    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(chatglm3_dir / name, out / name)
-    return out
 
 
 def test_the_flag_turns_reuse_off():

@@ -3,9 +3,6 @@ cache does not hold (model.last_prefill counts it), and every answer is the one 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,13 +16,6 @@ from glmkit.text.formats import chat_format_for
 from glmkit.text.glm4_tokenizer import GLM4Tokenizer
 
 from layouts import thudm_config
-
-# The session's test-trained ChatGLM3 (SentencePiece) and GLM-4 (tiktoken ranks) tokenizers, from tests/text.
-_spec = importlib.util.spec_from_file_location("text_tokenizers", Path(__file__).parents[1] / "text" / "conftest.py")
-_text = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_text)
-sp_model_bytes, chatglm2_dir, chatglm3_dir, glm4_fast_model, glm4_dir = (
-    _text.sp_model_bytes, _text.chatglm2_dir, _text.chatglm3_dir, _text.glm4_fast_model, _text.glm4_dir)
 
 QUERIES = ["你好", "What is the weather like?", "tell me more", "北京 get_weather", "thanks, bye"]
 
