@@ -57,7 +57,7 @@ def scripted(monkeypatch, replies, prompts):
     """Make chat's generator answer with `replies` (token lists, one per call) and record each prompt it is fed."""
     queue = list(replies)
 
-    def fake_stream_tokens(model, sequences, params):
+    def fake_stream_tokens(model, sequences, params, **_options):
         prompts.append(list(sequences[0]))
         for token in queue.pop(0):
             yield torch.tensor([token])
