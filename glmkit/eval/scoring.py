@@ -12,6 +12,11 @@ under 2D positions (ChatGLM-6B) the mask's position and block positions 1, 2, ..
 Those come from the model's `PositionLayout`, the model's own derivation, applied to part A plus
 that one block, so a packed answer scores what it scores alone. Choices of one token share a
 single `<sop>` (the official shortcut). Rows are right-padded; real tokens never see pads.
+
+A causal GLM (ChatGLM2/3, GLM-4) reads `[gMASK] <sop> c1 ... cn` left to right, as its prompts start.
+There the context is causal too, and the context's last token opens every block (it predicts a1):
+
+    tokens:  [gMASK] <sop> c1 ... c(n-1) | cn a1 | cn b1 b2 | cn d1
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from glmkit.models.glm import GLM
-from glmkit.models.positions import PositionLayout, SpecialIds
+from glmkit.models.positions import PREFIX_LM_2D, PositionLayout, SpecialIds
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Packed:
     context_length: int  # len(part A)
     spans: list[tuple[int, int]]  # (start, length) of each causal block
     scored: list[tuple[int, list[int]]]  # (start of the answer's block, the answer's tokens)
+    bidirectional: bool = True  # part A sees itself both ways (a prefix-LM); False: causal throughout
 
 
 @dataclass
@@ -43,25 +49,42 @@ class AnswerScore:
     greedy: bool  # every answer token is the model's top choice (greedy decoding would produce it)
 
 
-def part_a(context: Sequence[int], special: SpecialIds, gmask: bool) -> list[int]:
-    """The context closed by its mask token; a context holding a [MASK] already (blank filling) is kept."""
+def context_prefix(special: SpecialIds, layout: PositionLayout) -> list[int]:
+    """What a causal GLM's prompts start with (`[gMASK] <sop>`); a prefix-LM's context starts bare."""
+    return [] if layout.bidirectional else [special.gmask, special.bos]
+
+
+def part_a(context: Sequence[int], special: SpecialIds, gmask: bool, layout: PositionLayout = PREFIX_LM_2D) -> list[int]:
+    """A prefix-LM's context closed by its mask token (a context holding a [MASK] already, blank filling, is
+    kept); a causal GLM's context after its prompt prefix."""
+    if not layout.bidirectional:
+        return [*context_prefix(special, layout), *context]
     if not gmask and special.mask in context:
         return list(context)
     return [*context, special.gmask if gmask else special.mask]
 
 
-def packed_length(context_length: int, answers: Sequence[Sequence[int]]) -> int:
-    """Tokens a packed row takes: part A (context + mask) and the blocks (`<sop> answer[:-1]` each)."""
-    if all(len(a) == 1 for a in answers):
-        return context_length + 1
-    return context_length + sum(len(a) for a in answers)
+def generation_prompt(context: Sequence[int], special: SpecialIds, gmask: bool, layout: PositionLayout) -> list[int]:
+    """The prompt to generate an answer after: part A, then `<sop>` where the layout needs one to start."""
+    ids = part_a(context, special, gmask, layout)
+    return [*ids, special.bos] if layout.bidirectional else ids
+
+
+def packed_length(context_length: int, answers: Sequence[Sequence[int]], bidirectional: bool = True) -> int:
+    """Tokens a packed row takes: part A (context + mask) and the blocks (`<sop> answer[:-1]` each); a causal
+    row's blocks open with part A's last token, one fewer."""
+    blocks = 1 if all(len(a) == 1 for a in answers) else sum(len(a) for a in answers)
+    return context_length + blocks - (not bidirectional)
 
 
 def pack(part_a_ids: Sequence[int], answers: Sequence[Sequence[int]], special: SpecialIds,
          layout: PositionLayout) -> Packed:
+    # A prefix-LM opens each block with <sop>; a causal model with the context's last token, which predicts a1.
+    opener = special.bos if layout.bidirectional else part_a_ids[-1]
+    part_a_ids = part_a_ids if layout.bidirectional else part_a_ids[:-1]
     ctx = len(part_a_ids)
     single = all(len(a) == 1 for a in answers)
-    blocks = [[special.bos]] if single else [[special.bos, *a[:-1]] for a in answers]
+    blocks = [[opener]] if single else [[opener, *a[:-1]] for a in answers]
     ids, spans, parts = list(part_a_ids), [], []
     for block in blocks:
         # The layout of part A + this block alone; its block columns are this block's positions.
@@ -73,7 +96,7 @@ def pack(part_a_ids: Sequence[int], answers: Sequence[Sequence[int]], special: S
         ids += block
     starts = [spans[0][0]] * len(answers) if single else [start for start, _ in spans]
     scored = [(start, list(a)) for start, a in zip(starts, answers, strict=True)]
-    return Packed(ids, torch.cat(parts, dim=1), ctx, spans, scored)
+    return Packed(ids, torch.cat(parts, dim=1), ctx, spans, scored, layout.bidirectional)
 
 
 def collate(rows: Sequence[Packed], pad_id: int) -> dict[str, torch.Tensor]:
@@ -88,6 +111,9 @@ def collate(rows: Sequence[Packed], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(row.input_ids)
         positions[i, :, :n] = row.positions
         allowed[i, 0, :n, : row.context_length] = True
+        if not row.bidirectional:
+            ctx = row.context_length
+            allowed[i, 0, :ctx, :ctx] = torch.ones(ctx, ctx, dtype=torch.bool).tril()
         for start, size in row.spans:
             allowed[i, 0, start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
     return {"input_ids": ids, "position_ids": positions, "attention_mask": ~allowed}

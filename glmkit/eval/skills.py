@@ -111,7 +111,7 @@ def perplexity(model: GLM, tokenizer: Tokenizer, texts: Sequence[str], max_token
         tokens = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
         if len(tokens) >= 4:
             cut = len(tokens) // 2
-            rows.append(pack(part_a(tokens[:cut], special, gmask=True), [tokens[cut:]], special, layout))
+            rows.append(pack(part_a(tokens[:cut], special, gmask=True, layout=layout), [tokens[cut:]], special, layout))
     if not rows:
         raise ValueError("no text long enough to measure perplexity")
     scores = [row[0] for start in range(0, len(rows), batch_size)

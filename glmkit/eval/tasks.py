@@ -17,7 +17,16 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 from glmkit.eval.metrics import best_over_references, exact_match_score, f1_score
-from glmkit.eval.scoring import AnswerScore, Packed, pack, packed_length, part_a, score_packed
+from glmkit.eval.scoring import (
+    AnswerScore,
+    Packed,
+    context_prefix,
+    generation_prompt,
+    pack,
+    packed_length,
+    part_a,
+    score_packed,
+)
 from glmkit.eval.task_config import METRICS, TaskConfig, TaskConfigError
 from glmkit.eval.task_data import (
     ChoiceItem,
@@ -61,16 +70,18 @@ class Run:
 
     def pack(self, context: Sequence[int], answers: Sequence[Sequence[int]], where: str) -> Packed:
         """Pack one item, dropping the context's start if the row would not fit (as the official code does)."""
-        special = self.model.special_ids
-        ids = part_a(context, special, self.config.gmask)
-        excess = packed_length(len(ids), answers) - self.max_length
+        special, layout = self.model.special_ids, self.model.position_layout
+        ids = part_a(context, special, self.config.gmask, layout)
+        keep = len(context_prefix(special, layout))  # a causal model's [gMASK] <sop> stays
+        floor = keep or 1  # and a prefix-LM's mask token
+        excess = packed_length(len(ids), answers, layout.bidirectional) - self.max_length
         if excess > 0:
-            if excess > len(ids) - 1:
-                need = packed_length(1, answers)
+            if excess > len(ids) - floor:
+                need = packed_length(floor, answers, layout.bidirectional)
                 raise TaskDataError(f"{where}: the answers take {need} tokens with the mask, more than the "
                                     f"{self.max_length}-token context; shorten them or raise max-seq-length")
-            ids = ids[excess:]
-        return pack(ids, answers, special, self.model.position_layout)
+            ids = [*ids[:keep], *ids[keep + excess:]]
+        return pack(ids, answers, special, layout)
 
     def batches(self, items: Sequence[T], size: Callable[[T], int], desc: str):
         """(indices, items) batches, longest first so padding stays small; a progress bar over them."""
@@ -112,7 +123,8 @@ def generation(run: Run, items: Sequence[GenerationItem], desc: str) -> Tally:
     if room < 1:
         raise TaskConfigError(f"{run.config.source}: max-gen-length {budget} leaves no room for a prompt in "
                               f"{run.max_length} tokens")
-    prompts = [[*part_a(item.context[-room:], special, run.config.gmask), special.bos] for item in items]
+    layout = run.model.position_layout
+    prompts = [generation_prompt(item.context[-room:], special, run.config.gmask, layout) for item in items]
     tally = Tally(items=len(items))
     eos = tuple({run.model.config.eos_token_id, run.tokenizer.eos_token_id})
     for rows, batch in run.batches(prompts, len, desc):

@@ -104,6 +104,7 @@ class PositionLayout(Protocol):
 
     name: str
     planes: int  # position channels per token: 2 for ChatGLM-6B's 2D positions, else 1
+    bidirectional: bool  # the prompt (up to `<sop>`) sees itself both ways; False: causal throughout
 
     def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids [planes, L], blocked [L, L]) for one unpadded sequence."""
@@ -126,6 +127,7 @@ class PrefixLM2D:
 
     name: str = "2d-prefix-lm"
     planes: int = 2
+    bidirectional: bool = True
 
     def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = context_length(ids, special)
@@ -145,6 +147,7 @@ class PrefixLM1D:
 
     name: str = "1d-prefix-lm"
     planes: int = 1
+    bidirectional: bool = True
 
     def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = context_length(ids, special, last=True)
@@ -163,6 +166,7 @@ class Causal:
 
     name: str = "causal"
     planes: int = 1
+    bidirectional: bool = False
 
     def sequence(self, ids: Sequence[int], special: SpecialIds, *, prefer_gmask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         length = len(ids)

@@ -114,7 +114,10 @@ def fail(error: BaseException) -> None:
 
 def check_divisible(config, world_size: int) -> None:
     """Heads, MLP width and vocabulary must split evenly, and the KV heads split or replicate evenly; say which
-    one does not (in one line)."""
+    one does not (in one line). A P-Tuning v2 prefix holds every head's keys and values, so it is refused."""
+    if config.pre_seq_len:
+        raise TPError(f"this model has a P-Tuning v2 prefix (pre_seq_len {config.pre_seq_len}), which is not sharded "
+                      "across ranks: run it without --tp, or fine-tune with LoRA and fold it in (glmkit merge)")
     sizes = {"num_attention_heads": config.num_attention_heads, "inner_hidden_size": config.inner_hidden_size,
              "vocab_size": config.vocab_size}
     for name, size in sizes.items():

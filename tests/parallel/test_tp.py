@@ -254,6 +254,15 @@ def test_tp_sizes_the_kv_heads_cannot_take_are_refused_in_one_line(models, tmp_p
     assert len(err.splitlines()) == 1
 
 
+def test_a_ptuning_prefix_is_refused_under_tp_in_one_line(tmp_path, capsys):
+    model = random_model(tiny_config(pre_seq_len=4))
+    model.save_pretrained(tmp_path / "ptuned")
+    assert cli_main(["reshard", str(tmp_path / "ptuned"), str(tmp_path / "x"), "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "P-Tuning v2 prefix (pre_seq_len 4)" in err and "without --tp" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_reshard_refuses_sizes_that_do_not_divide(models, tmp_path, capsys):
     assert cli_main(["reshard", str(models / "glm130b"), str(tmp_path / "x"), "--tp", "3"]) == 2
     assert "num_attention_heads 4 does not divide by --tp 3" in capsys.readouterr().err
