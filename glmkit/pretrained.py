@@ -123,7 +123,7 @@ class GLMForCausalLM(GLM):
         The format is the tokenizer's: `tokenizer`, else the one this model last chatted with or was loaded
         with by glmkit.load, else the tokenizer in the directory it was loaded from."""
         fmt = self._format_for_replies(tokenizer)
-        if chat_lib.has_roles(fmt):
+        if fmt.has_roles:
             return fmt.process_response(output, list(history or []))
         return fmt.parse(output)
 

@@ -47,14 +47,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_scored_data_arguments(parser: argparse.ArgumentParser, data_help: str, batch_size: int) -> None:
+    """What the commands that score a model on a JSONL file share: the model, the file, the batch, --json."""
+    add_model_args(parser)
+    parser.add_argument("--data", type=Path, required=True, help=data_help)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--json", action="store_true")
+
+
 def add_eval_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """--by-template: a skill's accuracy can hide one phrasing the model never learned."""
-    add_model_args(parser)
-    parser.add_argument("--data", type=Path, required=True, help="JSONL of {skill, lang, prompt, response, history}")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_scored_data_arguments(parser, "JSONL of {skill, lang, prompt, response, history}", batch_size=32)
     parser.add_argument("--by-template", action="store_true",
                         help="also one row per phrasing (the records' template id), with an example question")
-    parser.add_argument("--json", action="store_true")
 
 
 def print_accuracy_rows(title: str, rows: dict[str, dict], examples: bool) -> None:
@@ -88,12 +93,9 @@ def cmd_eval_chat(args: argparse.Namespace) -> int:
 
 def add_eval_gen_arguments(parser: argparse.ArgumentParser) -> None:
     """--predictions in the official scripts' {prompt, label, predict} format, to compare with their output."""
-    add_model_args(parser)
-    parser.add_argument("--data", type=Path, required=True, help="JSONL in any fine-tuning format")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_scored_data_arguments(parser, "JSONL in any fine-tuning format", batch_size=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--predictions", type=Path, default=None, help="write {prompt, label, predict} JSONL here")
-    parser.add_argument("--json", action="store_true")
 
 
 def cmd_eval_gen(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ class Family:
             if self.ignores(stored):
                 continue
             name = self.internal_name(stored)
-            fused = self._fusion_slot(name)
+            fused = self.fusion_slot(name)
             if fused is None:
                 yield name, tensor
                 continue
@@ -136,7 +136,7 @@ class Family:
             for part, piece in zip(fusion.parts, tensor.split(list(fusion.rows(config)), dim=0), strict=True):
                 yield _rename(block + part + suffix, _inverse(self.renames)), piece
 
-    def _fusion_slot(self, name: str) -> tuple[str, int, int] | None:
+    def fusion_slot(self, name: str) -> tuple[str, int, int] | None:
         block, rest = _split_block(name)
         if block is None:
             return None

@@ -26,7 +26,7 @@ from glmkit.generation.beam import beam_search
 from glmkit.generation.generate import end_tokens, stream_tokens
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
-from glmkit.text.chat_format import ChatFormat, ChatFormatError
+from glmkit.text.chat_format import ChatFormatError
 from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.streaming import TextStream
@@ -87,11 +87,6 @@ def chat_params(model: GLM, tokenizer: Tokenizer, num_beams: int = 1, **kwargs: 
     return SamplingParams(**fmt.sampling_ids(tokenizer), **options)
 
 
-def has_roles(fmt: ChatFormat) -> bool:
-    """ChatGLM3 and GLM-4: role messages in the history, `role=`, the official process_response."""
-    return hasattr(fmt, "process_response")
-
-
 def role_history(history: History) -> list[dict[str, Any]]:
     """A role format's history as message dicts (copied); (query, response) tuples become a user/assistant pair."""
     messages: list[dict[str, Any]] = []
@@ -118,7 +113,7 @@ def stream_chat(
     (see the module's docstring); False prefills the whole prompt and keeps no cache."""
     params = chat_params(model, tokenizer, **kwargs)
     fmt = chat_format_for(tokenizer)
-    if not has_roles(fmt):
+    if not fmt.has_roles:
         if role != "user":
             raise ChatFormatError(f"{fmt.name}'s chat has no roles (role={role!r}): only user queries")
         pairs = list(history or [])
@@ -138,7 +133,7 @@ def chat(model: GLM, tokenizer: Tokenizer, query: str, history: History | None =
          reuse_cache: bool = True, **kwargs: Any) -> tuple[str | dict[str, Any], History]:
     """One full answer: (response, history with this turn), in the family's history shape (see stream_chat)."""
     fmt = chat_format_for(tokenizer)
-    if has_roles(fmt):
+    if fmt.has_roles:
         response, new_history = fmt.process_response("", [*role_history(history or []), {"role": role, "content": query}])
     else:
         response, new_history = "", [*(history or []), (query, "")]

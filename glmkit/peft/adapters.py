@@ -237,7 +237,7 @@ def _lora_from_family(state: dict[str, torch.Tensor], family: Family, config: GL
     for name, tensor in state.items():
         module, ab, suffix = name.partition(".lora_A." if ".lora_A." in name else ".lora_B.")
         internal = family.internal_name(f"{module}.weight").removesuffix(".weight")
-        slot = family._fusion_slot(f"{internal}.weight")
+        slot = family.fusion_slot(f"{internal}.weight")
         if slot is None:
             out[internal + ab + suffix] = tensor
         else:

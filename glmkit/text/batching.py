@@ -54,6 +54,23 @@ def causal_batch(
     return encoding
 
 
+class CausalBatchCall:
+    """`tokenizer(text_or_texts, ...)` for a causal tokenizer with one-text `encode`: the GLM-4 tokenizers."""
+
+    pad_token_id: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, text: str | Sequence[str], padding: bool | str = False, max_length: int | None = None,
+                 return_tensors: str | None = None, add_special_tokens: bool = True) -> BatchEncoding:
+        """input_ids, attention_mask and position_ids, left-padded with the pad token (official shape)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        encoding = causal_batch(rows, self.pad_token_id, padding, max_length, return_tensors)
+        return single_or_batch(encoding, isinstance(text, str), return_tensors)
+
+
 def single_or_batch(encoding: BatchEncoding, single: bool, return_tensors: str | None) -> BatchEncoding:
     """A single str with return_tensors=None gives unbatched lists, as HF tokenizers do."""
     if single and return_tensors is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.tool_calls import ToolSchema, assistant_message
@@ -38,6 +38,8 @@ class ChatFormatError(ValueError):
 
 class ChatFormat(Protocol):
     name: str
+    # Role messages (ChatGLM3, GLM-4): `role=` in chat, dict history, the official process_response(output, history).
+    has_roles: ClassVar[bool]
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         """The prompt for answering `query` after `history`."""
@@ -98,6 +100,7 @@ class RoundsFormat:
     adds the prefix), end at eos only, no tools."""
 
     name: str
+    has_roles: ClassVar[bool] = False
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         raise NotImplementedError

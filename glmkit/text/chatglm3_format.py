@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from glmkit.text.chat_format import ChatFormatError, History, Message
 from glmkit.text.protocol import Tokenizer
@@ -63,6 +63,7 @@ def _clean(text: str) -> str:
 @dataclass(frozen=True)
 class ChatGLM3Format:
     name: str = "chatglm3"
+    has_roles: ClassVar[bool] = True
 
     # ----- the conversation as ChatGLM3 messages
 

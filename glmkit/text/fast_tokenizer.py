@@ -17,19 +17,18 @@ from typing import ClassVar
 import torch
 from tokenizers import Tokenizer as FastTokenizer
 
-from glmkit.models.positions import SpecialIds
-from glmkit.text.batching import causal_batch, read_json, single_or_batch, write_json
+from glmkit.text.batching import CausalBatchCall, read_json, write_json
 from glmkit.text.chat_format import ChatFormat
 from glmkit.text.chat_template import ChatTemplateMixin
-from glmkit.text.glm4_format import GLM4
+from glmkit.text.glm4_format import GLM4, GLM4PromptIds
 from glmkit.text.replies import ParsesReplies
-from glmkit.text.tokenizer import BatchEncoding, _id_list
+from glmkit.text.tokenizer import _id_list
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
-class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
+class GLMFastTokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, ParsesReplies):
     """A GLM-4 family fast tokenizer: ids, decode and specials from `tokenizer.json`, eos/pad and the chat
     template from `tokenizer_config.json`."""
 
@@ -95,15 +94,6 @@ class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
     def pad_token_id(self) -> int:
         return self._named("pad_token", "<|endoftext|>")
 
-    @property
-    def special_ids(self) -> SpecialIds:
-        s = self.special_tokens
-        return SpecialIds(bos=s["<sop>"], mask=s["[MASK]"], gmask=s["[gMASK]"], pad=self.pad_token_id)
-
-    @property
-    def prefix_ids(self) -> list[int]:
-        return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
-
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int] | None:
         if isinstance(tokens, str):
             return self.tokenizer.token_to_id(tokens)
@@ -130,9 +120,3 @@ class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
-    def __call__(self, text: str | Sequence[str], padding: bool | str = False, max_length: int | None = None,
-                 return_tensors: str | None = None, add_special_tokens: bool = True) -> BatchEncoding:
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        encoding = causal_batch(rows, self.pad_token_id, padding, max_length, return_tensors)
-        return single_or_batch(encoding, isinstance(text, str), return_tensors)

@@ -12,8 +12,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from glmkit.models.positions import SpecialIds
 from glmkit.text.chat_format import ChatFormatError, History, Message
 from glmkit.text.chat_template import GLM4_CHAT_TEMPLATE, render_template
 from glmkit.text.protocol import Tokenizer
@@ -30,6 +31,24 @@ from glmkit.text.tool_calls import (
 
 BUILTIN_TOOLS = ("python", "simple_browser", "cogview")
 _SEARCH = re.compile(r'search\("(.+?)"\s*,\s*recency_days\s*=\s*(\d+)\)')
+
+
+class GLM4PromptIds:
+    """The ids GLM-4 prompts are built from, for a tokenizer that knows its specials by name (`special_tokens`):
+    the tiktoken one (glm-4-9b-chat) and the `tokenizer.json` one (-hf, 0414) alike."""
+
+    special_tokens: dict[str, int]
+    pad_token_id: int
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        s = self.special_tokens
+        return SpecialIds(bos=s["<sop>"], mask=s["[MASK]"], gmask=s["[gMASK]"], pad=self.pad_token_id)
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """`[gMASK] <sop>`: the start of every prompt."""
+        return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
 
 
 def write_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
@@ -54,6 +73,7 @@ def template_tools(tools: Sequence[ToolSchema]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class GLM4Format:
     name: str = "glm4"
+    has_roles: ClassVar[bool] = True
     template: str = GLM4_CHAT_TEMPLATE
 
     def messages(self, messages: Sequence[Message], tools: Sequence[ToolSchema] | None = None) -> list[dict[str, Any]]:

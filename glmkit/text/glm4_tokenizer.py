@@ -20,13 +20,12 @@ from typing import Any, ClassVar
 import tiktoken
 import torch
 
-from glmkit.models.positions import SpecialIds
-from glmkit.text.batching import causal_batch, read_json, single_or_batch, write_json
+from glmkit.text.batching import CausalBatchCall, read_json, write_json
 from glmkit.text.chat_format import ChatFormat
 from glmkit.text.chat_template import GLM4_CHAT_TEMPLATE, ChatTemplateMixin
-from glmkit.text.glm4_format import GLM4
+from glmkit.text.glm4_format import GLM4, GLM4PromptIds
 from glmkit.text.replies import ParsesReplies
-from glmkit.text.tokenizer import BatchEncoding, _id_list
+from glmkit.text.tokenizer import _id_list
 
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -75,7 +74,7 @@ def specials_from_config(config: Mapping[str, Any], first_id: int) -> dict[str, 
     return specials
 
 
-class GLM4Tokenizer(ChatTemplateMixin, ParsesReplies):
+class GLM4Tokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, ParsesReplies):
     """glm-4-9b-chat's `ChatGLM4Tokenizer` (tiktoken ranks + GLM-4 specials + the repo's chat template)."""
 
     reply_format: ClassVar[ChatFormat] = GLM4
@@ -155,16 +154,6 @@ class GLM4Tokenizer(ChatTemplateMixin, ParsesReplies):
     def pad_token_id(self) -> int:
         return self.special_tokens["<|endoftext|>"]
 
-    @property
-    def special_ids(self) -> SpecialIds:
-        s = self.special_tokens
-        return SpecialIds(bos=s["<sop>"], mask=s["[MASK]"], gmask=s["[gMASK]"], pad=self.pad_token_id)
-
-    @property
-    def prefix_ids(self) -> list[int]:
-        """`[gMASK] <sop>`: the start of every prompt."""
-        return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
-
     def get_command(self, token: str) -> int:
         return self.special_tokens[token]
 
@@ -226,10 +215,3 @@ class GLM4Tokenizer(ChatTemplateMixin, ParsesReplies):
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor, **options: bool) -> list[str]:
         return [self.decode(ids, **options) for ids in batch]
 
-    def __call__(self, text: str | Sequence[str], padding: bool | str = False, max_length: int | None = None,
-                 return_tensors: str | None = None, add_special_tokens: bool = True) -> BatchEncoding:
-        """input_ids, attention_mask and position_ids, left-padded with `<|endoftext|>` (official shape)."""
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        encoding = causal_batch(rows, self.pad_token_id, padding, max_length, return_tensors)
-        return single_or_batch(encoding, isinstance(text, str), return_tensors)
