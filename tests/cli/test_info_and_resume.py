@@ -113,6 +113,18 @@ def test_weights_with_nan_or_inf_are_refused_at_load_by_name(tmp_path, capsys, b
     assert name in capsys.readouterr().err
 
 
+def test_huge_finite_weights_whose_sum_overflows_still_load(tmp_path):
+    """The check's fast path sums each slice in fp32; finite values whose sum overflows must not be refused."""
+    model = random_model(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    name = "transformer.layers.1.mlp.dense_4h_to_h.weight"
+    state[name][:2] = 3.0e38  # fp32's max is 3.4e38: the row sums to inf, every value is finite
+    save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tmp_path / "m", progress=False)
+    assert loaded.state_dict()[name][0, 0] == torch.tensor(3.0e38)
+
+
 def tiny_run(tmp_path: Path, **overrides):
     """Pre-training batches for the tiny model over a few id-only documents."""
     config = TrainConfig(**{**dict(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, eval_every=100, save_every=1,
