@@ -23,6 +23,7 @@ from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 from glmkit.parallel import tp as tp_lib
 from glmkit.peft.adapters import load_adapter
+from glmkit.quant.quantize import use_kernels
 from glmkit.text.chat_format import ChatFormat
 from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
@@ -50,7 +51,7 @@ class GLMForCausalLM(GLM):
         cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
         progress: bool = True, quantize: int | None = None, group_size: int | None = None,
         adapter: str | Path | None = None, tp: int = 1, tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S,
-        quantize_embeddings: bool | int = False,
+        quantize_embeddings: bool | int = False, kernels: str = "native",
     ) -> GLMForCausalLM:
         """Load a model directory in the official layout. dtype None: fp32 on CPU, the checkpoint's on GPU.
 
@@ -60,6 +61,8 @@ class GLMForCausalLM(GLM):
         quantize_embeddings=4 as INT4 rows with one scale per 128 columns.
         adapter: a LoRA or P-Tuning v2 directory (`glmkit finetune`, PEFT, or the official ptuning
         scripts) applied on top, after quantizing.
+        kernels: how quantized layers multiply on CPU: "native" (glmkit's kernels, int8 activations, fastest) or
+        "exact" (float activations: the official quantized model's numbers).
         tp=N: this process is one of N torchrun ranks (every rank calls this alike); it joins the job
         (collectives time out after `tp_timeout` seconds) and holds only its shard of the model."""
         if tp > 1:
@@ -69,6 +72,7 @@ class GLMForCausalLM(GLM):
         model = load_model(path, dtype=dtype, device=device, progress=progress and tp_lib.rank() == 0,
                            model_class=cls, quantize=quantize, group_size=group_size, tp=tp,
                            quantize_embeddings=quantize_embeddings)
+        use_kernels(model, kernels)
         if adapter is not None:
             load_adapter(model, adapter)
         return model
@@ -158,13 +162,13 @@ def _eos_as_tuple(kwargs: dict[str, Any]) -> dict[str, Any]:
 def load(
     path: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
-    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False,
+    tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False, kernels: str = "native",
 ) -> tuple[GLMForCausalLM, Tokenizer]:
     """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
     path = Path(path).expanduser() if path is not None else default_model_path()
     model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
                                            adapter=adapter, tp=tp, tp_timeout=tp_timeout,
-                                           quantize_embeddings=quantize_embeddings)
+                                           quantize_embeddings=quantize_embeddings, kernels=kernels)
     tokenizer = family_of(model.config).load_tokenizer(path)
     model.chat_format = chat_format_for(tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:

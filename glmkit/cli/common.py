@@ -15,6 +15,7 @@ from glmkit.generation.chat import CHAT_DEFAULTS, FAMILY_CHAT_DEFAULTS
 from glmkit.models.config import ConfigError
 from glmkit.parallel import tp as tp_lib
 from glmkit.pretrained import NoDefaultModelError, load
+from glmkit.quant.quantize import KERNELS
 from glmkit.text.formats import chat_format_for
 
 # A user's mistake (a missing directory, a bad value): one line on stderr and exit code 2, not a traceback.
@@ -36,6 +37,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="quantize the block linears to INT8 or INT4 (group-wise) while loading; a checkpoint "
                              "written by 'glmkit quantize' is loaded quantized without this flag")
     add_embedding_args(parser, "--quantize-embeddings", "while loading")
+    add_kernels_arg(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice, usually one per core)")
     parser.add_argument("--adapter", type=Path, default=None,
@@ -58,6 +60,13 @@ def add_embedding_args(parser: argparse.ArgumentParser, flag: str, when: str) ->
                         help=f"bits for the embedding and output table (implies {flag}): 8 (one scale per token) or "
                              "4 (one scale per 128 columns); ChatGLM-6B's table is 2.1 GB in fp32, 0.53 GB at 8 bits, "
                              "0.28 GB at 4, and decoding reads all of it for every token")
+
+
+def add_kernels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", choices=list(KERNELS), default="native",
+                        help="how INT8/INT4 layers multiply on CPU: native (glmkit's kernels, activations rounded to "
+                             "int8 per 64 columns, fastest) or exact (float activations through PyTorch's ops: the "
+                             "official quantized model's numbers, slower; docs/quantization.md) (default: %(default)s)")
 
 
 def embedding_bits_from(args: argparse.Namespace, flag: str) -> int:
@@ -93,7 +102,7 @@ def load_from_args(args: argparse.Namespace, progress: bool = True):
     check_device(args.device)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                             quantize=args.quantize, adapter=args.adapter, tp=args.tp, tp_timeout=args.tp_timeout,
-                            quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"))
+                            quantize_embeddings=embedding_bits_from(args, "quantize_embeddings"), kernels=args.kernels)
     args.model_sampling_defaults = model_sampling_defaults(tokenizer)
     return model, tokenizer
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from glmkit.checkpoints.hf import describe
-from glmkit.cli.common import add_embedding_args, add_model_args, embedding_bits_from, load_from_args
+from glmkit.cli.common import add_embedding_args, add_kernels_arg, add_model_args, embedding_bits_from, load_from_args
 from glmkit.models.config import GLMConfig
 from glmkit.pretrained import GLMForCausalLM
 from glmkit.quant.quantize import embedding_group
@@ -193,6 +193,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chatglm3-6b and glm-4-9b: the ChatGLM2/3 and GLM-4-9B architecture (GQA, untied output)")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=None, help="weight-only INT8/INT4 block linears")
     add_embedding_args(parser, "--quantize-embeddings", "as built")
+    add_kernels_arg(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="weights (full precision) or activations, scales and the rest (quantized)")
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[32, 512], help="prefill lengths to time")
@@ -209,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
                  measure_load=args.load, repeats=args.repeats,
-                 embeddings=embedding_bits_from(args, "quantize_embeddings"))
+                 embeddings=embedding_bits_from(args, "quantize_embeddings"), kernel_choice=args.kernels)
     print(report([result], args.json))
     return 0
 

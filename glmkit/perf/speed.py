@@ -35,6 +35,7 @@ from glmkit.quant.quantize import (
     group_for,
     max_level,
     record_quantization,
+    use_kernels,
 )
 
 
@@ -178,17 +179,18 @@ def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
 
 
 def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
-        repeats: int = 3, embeddings: int = 0) -> dict:
+        repeats: int = 3, embeddings: int = 0, kernel_choice: str = "native") -> dict:
     """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
     torch_dtype = getattr(torch, dtype)
     config = SHAPES[shape]()
     start = time.perf_counter()
-    model = random_model(config, torch_dtype, bits, embeddings=embeddings)
+    model = use_kernels(random_model(config, torch_dtype, bits, embeddings=embeddings), kernel_choice)
+    native = bits and kernels.available() and kernel_choice == "native"
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     result: dict = {
         "shape": shape, "bits": bits or None, "embedding_bits": embeddings or None, "dtype": dtype,
         "threads": torch.get_num_threads(),
-        "kernels": "glmkit native (int8 activations)" if bits and kernels.available() else "pytorch",
+        "kernels": "glmkit native (int8 activations)" if native else "pytorch (float activations)",
         "parameters": sum(p.numel() for p in model.parameters()) + quantized,
         "build_s": round(time.perf_counter() - start, 2),
         "kv_heads": config.kv_heads,

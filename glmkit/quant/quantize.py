@@ -117,11 +117,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(out_features, scale.shape[1], -1) * scale).reshape(out_features, in_features)
 
 
+# How quantized layers multiply (`use_kernels`): "native", glmkit's kernels, which round activations to int8 per
+# 64 columns (fastest); "exact", float activations through PyTorch's weight-only ops, the dequantized weights'
+# numbers, which is what the official INT4/INT8 code computes.
+KERNELS = ("native", "exact")
+
+
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored as int8 (INT8) or packed int4 (INT4) with symmetric scales.
 
     The state dict holds exactly the official keys (weight, weight_scale, bias); the kernel's own
     packing, which depends on the device, is derived once on first use and never saved."""
+
+    exact: bool = False  # float activations only (use_kernels(model, "exact")): never the native kernels
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 0, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -219,7 +227,7 @@ class QuantizedLinear(nn.Module):
         return matmul(x, self.weight, self._kernel[1]).to(x.dtype)
 
     def _native_kernel_serves(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return (not self.exact and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and kernels.supports(self.in_features, self.group_size, self.bits) and kernels.available())
 
     def _prepare_kernel(self, x: torch.Tensor) -> tuple:
@@ -355,6 +363,18 @@ def quantized_embedding_layout(model: nn.Module, dtype: torch.dtype, bits: int =
         head = model.lm_head
         model.lm_head = QuantizedLinear(head.in_features, head.out_features, bits, embedding_group(bits, head.in_features),
                                         bias=False, dtype=dtype, device=device)
+    return model
+
+
+def use_kernels(model: nn.Module, kind: str) -> nn.Module:
+    """Pick how the model's quantized layers multiply, one of KERNELS (a model without them is unchanged)."""
+    if kind not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kind!r}")
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.int_values()  # brings back a stored copy a kernel packing replaced, before dropping that packing
+            module.exact = kind == "exact"
+            module._kernel = None
     return model
 
 

@@ -12,7 +12,7 @@ from glmkit import GLMForCausalLM
 from glmkit.checkpoints.hf import CheckpointError
 from glmkit.cli import main
 from glmkit.quant import kernels
-from glmkit.quant.quantize import QuantizedLinear, quantize_model
+from glmkit.quant.quantize import QuantizedLinear, quantize_model, use_kernels
 
 from tiny import prompt, random_model, tiny_config, write_official_bin
 
@@ -437,3 +437,54 @@ def test_the_cpu_kernel_packing_by_row_blocks_equals_packing_whole():
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu((values.to(torch.int32) + 8).contiguous(), 1)
     assert torch.equal(cpu_kernel_int4_pack(pack_int4(values)), whole)
     assert torch.equal(cpu_kernel_int4_pack(pack_int4(values), rows_per_chunk=64), whole)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_exact_kernels_reproduce_the_official_quantized_model(tmp_path, bits):
+    """--kernels exact: float activations, so the official INT4/INT8 checkpoint answers with its dequantized weights'
+    numbers (the promise is 2e-2; float rounding gives far less), whatever native kernels this CPU has."""
+    model = random_model()
+    dequantized = write_official_quantized(model, tmp_path, bits)
+    reference = GLMForCausalLM(model.config).eval()
+    reference.load_state_dict({**{k: v.half().float() for k, v in model.state_dict().items()}, **dequantized})
+    exact = GLMForCausalLM.from_pretrained(tmp_path, progress=False, kernels="exact")
+    assert (logits(exact) - logits(reference)).abs().max() < 1e-4
+
+
+def test_bench_takes_the_kernels_flag(capsys):
+    assert main(["bench", "--shape", "tiny", "--bits", "4", "--kernels", "exact", "--prompt-len", "8",
+                 "--new-tokens", "2", "--repeats", "1", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    assert result["kernels"] == "pytorch (float activations)"
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_kernels_round_activations_and_exact_ones_do_not(tmp_path, bits):
+    model = random_model()
+    dequantized = write_official_quantized(model, tmp_path, bits)
+    reference = GLMForCausalLM(model.config).eval()
+    reference.load_state_dict({**{k: v.half().float() for k, v in model.state_dict().items()}, **dequantized})
+    native = GLMForCausalLM.from_pretrained(tmp_path, progress=False)
+    expected = logits(reference)
+    native_gap = float((logits(native) - expected).abs().max())
+    use_kernels(native, "exact")  # switched on a loaded model, after the native packing was made
+    assert float((logits(native) - expected).abs().max()) < 1e-4 < native_gap
+    use_kernels(native, "native")
+    assert float((logits(native) - expected).abs().max()) == pytest.approx(native_gap)
+
+
+def test_switching_kernels_keeps_an_int4_weight_the_bf16_kernel_freed():
+    layer = QuantizedLinear.from_linear(linear(64, 256), bits=4, group_size=128)
+    stored = layer.weight.clone()
+    model = torch.nn.Sequential(layer)
+    use_kernels(model, "exact")
+    layer(torch.randn(3, 256).bfloat16())  # PyTorch's bf16 int4 kernel keeps its own packing and frees the stored copy
+    assert layer._buffers["weight"] is None
+    use_kernels(model, "native")
+    use_kernels(model, "exact")
+    assert torch.equal(layer.weight, stored)
+    x = torch.randn(3, 256)
+    assert torch.allclose(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias), atol=1e-4)
+    with pytest.raises(ValueError, match="kernels must be one of native, exact"):
+        use_kernels(model, "fast")
