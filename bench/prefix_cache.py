@@ -7,7 +7,7 @@ request leaves the system prompt's blocks behind); then each question is one req
 the step that returns its first token (the prefill and the first sample). Medians over every question of every
 round; the two modes must give each question the same first token.
 
-    python bench/prefix_cache.py --threads 2 > bench/results/prefix_cache.json
+    python bench/prefix_cache.py --threads 1 --questions 6 --rounds 3 > bench/results/prefix_cache.json
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run(shape: str, system: int, question: int, questions: int, rounds: int, dty
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), choices=list(CHOICES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--system", type=int, default=498, help="random system-prompt ids after [gMASK] sop")
     parser.add_argument("--question", type=int, default=24, help="ids per question")
     parser.add_argument("--questions", type=int, default=6, help="timed questions per round")
