@@ -8,6 +8,7 @@ import socket
 import sys
 
 from glmkit.cli.common import USER_ERROR_EXIT, add_model_args, load_from_args
+from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from glmkit.parallel import tp as tp_lib
 
 
@@ -20,6 +21,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on the API and /metrics (default: no key)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    parser.add_argument("--prefix-cache-mb", type=megabytes, default=DEFAULT_PREFIX_CACHE_MB,
+                        help="MiB of prompt keys and values kept for later prompts that start the same way "
+                             "(causal models; 0: off; default: %(default)s)")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow this browser origin to call the API; repeat for more (default: none)")
     parser.add_argument("--allowed-host", action="append", default=None,
@@ -28,6 +32,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-public", action="store_true",
                         help="serve /metrics without the API key (default: /metrics needs the key when one is set)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send")
+
+
+def megabytes(text: str) -> float:
+    """--prefix-cache-mb's value: a finite number of MiB, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in MiB: give a number >= 0 (0 turns it off)")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_from_args(args)
     if tp_lib.rank() != 0:  # rank 0 serves and schedules; the others run its model steps
-        follow(model, args.max_batch)
+        follow(model, args.max_batch, prefix_cache_mb=args.prefix_cache_mb)
         return 0
     sock = bind(args.host, args.port)
     if sock is None:
@@ -49,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_name_for(args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, cors_origins=args.cors_origin, metrics_public=args.metrics_public,
-                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_host))
+                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
+                     prefix_cache_mb=args.prefix_cache_mb)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     # The socket is listening already, so a client that connects from now on is answered.
     print(f"glmkit: serving {name!r} on http://{_url_host(args.host)}:{sock.getsockname()[1]} "

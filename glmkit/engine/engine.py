@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 
 from glmkit.engine.parallel import BroadcastRunner
+from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from glmkit.engine.request import Request, StepOutput, TokenLogprob
 from glmkit.engine.runner import ModelRunner
 from glmkit.engine.scheduler import Scheduler
@@ -19,15 +20,19 @@ MAX_LOGPROBS = 20  # the most alternatives a token's logprobs may list (OpenAI's
 
 
 class Engine:
-    """Continuous batching over one model: `add_request`, then call `step` until `has_work` is False."""
+    """Continuous batching over one model: `add_request`, then call `step` until `has_work` is False.
 
-    def __init__(self, model: GLM, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None) -> None:
+    prefix_cache_mb: room for the keys and values of earlier prompts' blocks, which a causal model's later prompts
+    that start the same way copy instead of computing (glmkit.engine.prefix_cache); 0 turns it off."""
+
+    def __init__(self, model: GLM, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
         self.model = model
         self.max_length = max_length or model.config.max_sequence_length
         self.scheduler = Scheduler(max_batch, max_queue)
         # Under tensor parallelism (rank 0 only builds an Engine), every model call reaches all ranks.
         runner = BroadcastRunner if getattr(model, "tp_world", 1) > 1 else ModelRunner
-        self.runner = runner(model, max_batch, self.max_length)
+        self.runner = runner(model, max_batch, self.max_length, prefix_cache_mb)
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -71,6 +76,7 @@ class Engine:
         produced: list[tuple[Request, int | None]] = []
         logprobs: dict[str, TokenLogprob | None] = {}
         prompt_logprobs: dict[str, list] = {}
+        cached: dict[str, int | None] = {}  # admitted requests' prompt tokens from the prefix cache
         if plan.decoding:
             try:
                 tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding],
@@ -90,6 +96,7 @@ class Engine:
                 token = None
             else:
                 logprobs[request.request_id] = self.runner.logprobs[slot]
+                cached[request.request_id] = self.runner.cached_tokens
                 if request.prompt_logprobs:
                     prompt_logprobs[request.request_id] = self.runner.prompt_logprobs
             produced.append((request, token))
@@ -102,7 +109,7 @@ class Engine:
                 request.finish_reason = self._finish_reason(request, token)
             outputs.append(StepOutput(request.request_id, token, request.finish_reason,
                                       logprobs.get(request.request_id) if token is not None else None,
-                                      prompt_logprobs.get(request.request_id)))
+                                      prompt_logprobs.get(request.request_id), cached.get(request.request_id)))
         for request, _ in produced:
             if request.finished:
                 self._release(request)
@@ -117,6 +124,9 @@ class Engine:
         return None
 
     def _release(self, request: Request) -> None:
+        """Free the request's slot; what its cache holds goes to the prefix cache first, unless its step failed."""
+        if self.runner.prefix_cache is not None and request.finish_reason != "error":
+            self.runner.keep(self.scheduler.running.index(request), [*request.prompt_ids, *request.output_ids])
         move = self.scheduler.finish(request)
         if move is not None:
             self.runner.move(*move)

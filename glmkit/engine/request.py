@@ -40,3 +40,4 @@ class StepOutput:
     finish_reason: str | None
     logprob: TokenLogprob | None = None  # when the request asked for logprobs and a token was produced
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; the first prompt token's is None
+    cached_tokens: int | None = None  # first output only: prompt tokens copied from the prefix cache (None: no lookup)

@@ -2,6 +2,10 @@
 
 Each request keeps its own sampling state (seen tokens for the repetition penalty, its seeded
 generator), so a request samples exactly as it would alone, whatever else shares the batch.
+
+Under a causal layout a prefill first copies the longest prefix of its prompt that the prefix cache holds
+(glmkit.engine.prefix_cache) into the slot and encodes only the rest, then copies the prompt's full blocks that the
+cache lacks out of the slot into it; when the request leaves its slot, the blocks of its reply too (`keep`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import logging
 
 import torch
 
+from glmkit.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from glmkit.engine.request import TokenLogprob
-from glmkit.generation.generate import make_generator, process_logits, sample
+from glmkit.generation.generate import keeps_prefix, make_generator, prefill_inputs, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
@@ -19,8 +24,10 @@ log = logging.getLogger("glmkit.engine")
 
 
 class ModelRunner:
-    def __init__(self, model: GLM, max_batch: int, max_length: int) -> None:
+    def __init__(self, model: GLM, max_batch: int, max_length: int, prefix_cache_mb: float = 0) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache_for(model, prefix_cache_mb)
+        self.cached_tokens: int | None = None  # the latest prefill's prompt tokens from the prefix cache (None: no lookup)
         self.max_length = max_length
         model.setup_kv_cache(max_batch, max_length)
         device = model.device
@@ -39,19 +46,21 @@ class ModelRunner:
                 prompt_logprobs: bool = False) -> int:
         """Encode a prompt into `slot` and return its first new token. With `logprobs` (a count of alternatives),
         each token the slot samples leaves its TokenLogprob in `self.logprobs[slot]`; with prompt_logprobs the
-        prompt's own (under the model's raw logits: nothing samples them) go to `self.prompt_logprobs`."""
+        prompt's own (under the model's raw logits: nothing samples them) go to `self.prompt_logprobs`; such a prompt
+        is encoded whole (every position's logits), not continued from the prefix cache."""
         model = self.model
-        layout = model.position_layout
-        positions, blocked = layout.sequence(prompt_ids, model.special_ids, prefer_gmask=False)
-        ids = torch.tensor([prompt_ids], device=model.device)
+        keys = block_keys(prompt_ids, self.prefix_cache.block_size) if self.prefix_cache is not None else []
+        self.cached_tokens = None
+        reused = 0 if prompt_logprobs else self._restore_prefix(slot, prompt_ids, keys)
+        ids, positions, blocked = prefill_inputs(model, prompt_ids, reused)
         with model.kv_cache_rows(slot):
-            out = model(ids, positions[None].to(model.device), blocked[None, None].to(model.device),
-                        cache_position=0, last_only=not prompt_logprobs)
+            out = model(ids, positions, blocked, cache_position=reused, last_only=not prompt_logprobs)
+        self._keep_prefix(slot, keys)
         self.lengths[slot] = len(prompt_ids)
-        self.last_positions[slot] = positions[:, -1:].to(model.device)
-        self.steps[slot] = torch.tensor(layout.step(prompt_ids, model.special_ids))[:, None]
+        self.last_positions[slot] = positions[0, :, -1:]
+        self.steps[slot] = torch.tensor(model.position_layout.step(prompt_ids, model.special_ids))[:, None]
         self.seen[slot] = False
-        self.seen[slot, ids[0]] = True
+        self.seen[slot, torch.tensor(prompt_ids, device=model.device)] = True
         self.generators[slot] = make_generator(params.seed, model.device)
         self.logprob_counts[slot] = logprobs
         if prompt_logprobs:
@@ -59,6 +68,35 @@ class ModelRunner:
             self.prompt_logprobs = [None, *(token_logprob(table[i], token, logprobs or 0)
                                             for i, token in enumerate(prompt_ids[1:]))]
         return self._sample(slot, out.logits[0, -1].float(), params)
+
+    @torch.inference_mode()
+    def keep(self, slot: int, ids: list[int]) -> None:
+        """A request leaves `slot`, whose cache holds the keys and values of ids[:length] (its prompt and the tokens
+        fed back): the prefix cache takes the full blocks it lacks, so the conversation's next turn, whose prompt
+        repeats this one's and its reply, finds more than the prompt's blocks."""
+        if self.prefix_cache is not None:
+            held = ids[:int(self.lengths[slot])]
+            self._keep_prefix(slot, block_keys(held, self.prefix_cache.block_size))
+
+    def _restore_prefix(self, slot: int, prompt_ids: list[int], keys: list[bytes]) -> int:
+        """Copy the longest prefix of the prompt the prefix cache holds into `slot`'s cache, at most all but the
+        prompt's last token (fed again for its logits); returns its length. Copying a prefix's keys and values costs
+        a fraction of computing them; the paged KV cache (#20) will map the cached blocks into the slot instead."""
+        if self.prefix_cache is None:
+            return 0
+        blocks = self.prefix_cache.lookup(keys)
+        reused = min(len(blocks) * self.prefix_cache.block_size, len(prompt_ids) - 1)
+        if reused > 0:
+            self.model.write_kv_cache(slot, 0, torch.cat(blocks, dim=3)[:, :, :, :reused])
+        self.prefix_cache.count(len(prompt_ids), reused)
+        self.cached_tokens = reused
+        return reused
+
+    def _keep_prefix(self, slot: int, keys: list[bytes]) -> None:
+        """Copy the prompt's full blocks the prefix cache lacks out of `slot`'s cache into it (#20: share them)."""
+        if self.prefix_cache is not None:
+            size = self.prefix_cache.block_size
+            self.prefix_cache.insert(keys, lambda i: self.model.read_kv_cache(slot, i * size, (i + 1) * size))
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], params: list[SamplingParams]) -> list[int | None]:
@@ -100,6 +138,27 @@ class ModelRunner:
             tensor[dst] = tensor[src]
         for per_slot in (self.generators, self.logprob_counts, self.logprobs):
             per_slot[dst] = per_slot[src]
+
+
+def prefix_cache_for(model: GLM, megabytes: float) -> PrefixCache | None:
+    """A prefix cache of `megabytes`, or None: when 0, or for a prefix-LM (ChatGLM-6B, GLM-130B), which reads its
+    prompt bidirectionally, so a prefix's keys and values change with whatever follows it. The capacity counts the
+    whole model's keys and values (every KV head, as without tensor parallelism): every rank computes the same
+    number of blocks from the config, so ranks that replay the same calls evict the same blocks."""
+    if megabytes <= 0:
+        return None
+    if not keeps_prefix(model.position_layout):
+        log.info("prefix cache off: this %s model reads its prompt bidirectionally, so no prefix can be reused",
+                 model.position_layout.name)
+        return None
+    c = model.config
+    block_bytes = BLOCK_SIZE * c.num_layers * 2 * c.kv_heads * c.head_dim * model.dtype.itemsize
+    capacity = int(megabytes * 2**20) // block_bytes
+    if capacity < 1:
+        log.warning("prefix cache off: %s MB holds no block of %d tokens (%d bytes)", megabytes, BLOCK_SIZE,
+                    block_bytes)
+        return None
+    return PrefixCache(capacity)
 
 
 def token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:

@@ -157,19 +157,35 @@ def keeps_prefix(layout: PositionLayout) -> bool:
     return layout.name == "causal"
 
 
+def prefill_inputs(model: GLM, ids: Sequence[int], reused: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What encodes one unpadded prompt's ids[reused:] into a one-row cache whose first `reused` slots hold ids[:reused]
+    already: the ids [1, n], positions [1, P, n] and mask [1, 1, n, len(ids)] (n = len(ids) - reused). reused 0: the
+    whole prompt, under any layout. A reused prefix needs a layout that keeps_prefix: its tokens take positions
+    reused..L-1 and see every cached slot and the new tokens up to themselves, as the same rows of the whole
+    prompt's causal mask would (chat's follow-up turns and the engine's prefix cache both encode this way)."""
+    if reused == 0:
+        positions, blocked = model.position_layout.sequence(ids, model.special_ids, prefer_gmask=False)
+    else:
+        if not keeps_prefix(model.position_layout):
+            raise ValueError(f"a {model.position_layout.name} model cannot continue from a cached prefix")
+        count = len(ids) - reused
+        positions = torch.arange(reused, len(ids)).view(1, count)
+        blocked = torch.ones(count, count, dtype=torch.bool).triu(1)
+        blocked = torch.cat([blocked.new_zeros(count, reused), blocked], dim=1)
+    device = model.device
+    rest = torch.tensor([list(ids[reused:])], dtype=torch.long, device=device)
+    return rest, positions[None].to(device), blocked[None, None].to(device)
+
+
 @torch.inference_mode()
 def prefill_reusing(model: GLM, ids: Sequence[int], total_slots: int) -> tuple[torch.Tensor, DecodeState]:
     """One unpadded prompt under a causal layout: reuse the retained cache's common prefix with `ids` and encode
     only the rest, at positions reused..L-1 seeing the cached slots; the last position's logits [1, V]."""
     reused = model.resume_kv_cache(ids, total_slots)
     device = model.device
-    rest = torch.tensor([list(ids[reused:])], dtype=torch.long, device=device)
-    count = rest.shape[1]
-    positions = torch.arange(reused, len(ids), device=device).view(1, 1, count)
-    blocked = torch.ones(count, count, dtype=torch.bool, device=device).triu(1)
-    mask = torch.cat([blocked.new_zeros(count, reused), blocked], dim=1)[None, None]
+    rest, positions, mask = prefill_inputs(model, ids, reused)
     out = model(rest, positions, mask, cache_position=reused, last_only=True)
-    model.last_prefill = PrefillStats(cached=reused, computed=count)
+    model.last_prefill = PrefillStats(cached=reused, computed=rest.shape[1])
     pad_slots = torch.zeros(1, len(ids), dtype=torch.bool, device=device)
     step = torch.ones(1, 1, 1, dtype=torch.long, device=device)
     return out.logits[:, -1].float(), DecodeState(len(ids), positions[:, :, -1:], pad_slots, step)

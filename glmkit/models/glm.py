@@ -148,6 +148,13 @@ class KVCache(nn.Module):
         view.register_buffer("v", self.v[start:stop], persistent=False)
         return view
 
+    def write_row(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one row's k, v [H, n, D] at slots start..start+n (keys and values computed before, elsewhere)."""
+        end = start + k.shape[1]
+        self._check_room(end)
+        self.k[row, :, start:end] = k
+        self.v[row, :, start:end] = v
+
     def move_row(self, src: int, dst: int) -> None:
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
@@ -613,6 +620,18 @@ class GLM(nn.Module):
     def move_kv_cache_row(self, src: int, dst: int) -> None:
         for layer in self.transformer.layers:
             layer.attention.kv_cache.move_row(src, dst)
+
+    def read_kv_cache(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """A copy of row `slot`'s keys and values at cache slots start..stop, every layer's:
+        [layers, 2 (k, v), kv_heads, stop - start, head_dim] (the engine keeps prompt blocks this way)."""
+        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
+        parts = [buffer[slot, :, start:stop] for cache in caches for buffer in (cache.k, cache.v)]
+        return torch.stack(parts).unflatten(0, (len(caches), 2))
+
+    def write_kv_cache(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        """Write read_kv_cache's [layers, 2, kv_heads, n, head_dim] into row `slot` at cache slots start..start+n."""
+        for layer, (k, v) in zip(self.transformer.layers, kv, strict=True):
+            layer.attention.kv_cache.write_row(slot, start, k, v)
 
     def select_kv_cache_rows(self, rows: torch.Tensor, length: int) -> None:
         if torch.equal(rows, torch.arange(len(rows), device=rows.device)):

@@ -24,6 +24,7 @@ from starlette.routing import Match
 
 from glmkit.engine import Engine
 from glmkit.engine.async_engine import AsyncEngine
+from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from glmkit.engine.protocol import EngineClient
 from glmkit.models.glm import GLM
 from glmkit.serve.metrics import CONTENT_TYPE, UNMATCHED
@@ -51,17 +52,19 @@ log = logging.getLogger("glmkit.serve")
 
 def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, cors_origins: list[str] | None = None,
-               allowed_hosts: list[str] | None = None, metrics_public: bool = False) -> FastAPI:
+               allowed_hosts: list[str] | None = None, metrics_public: bool = False,
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
     """The app over a new batching engine for `model`."""
-    engine = start_engine(model, max_batch, max_queue)
+    engine = start_engine(model, max_batch, max_queue, prefix_cache_mb)
     return build_app(engine, tokenizer, chat_format_for(tokenizer), model_name,
                      model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins,
                      allowed_hosts=allowed_hosts, metrics_public=metrics_public)
 
 
-def start_engine(model: GLM, max_batch: int, max_queue: int) -> EngineClient:
+def start_engine(model: GLM, max_batch: int, max_queue: int,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> EngineClient:
     """The one place the server builds its concrete engine: continuous batching on a thread of its own."""
-    return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue))
+    return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb))
 
 
 def default_allowed_hosts(bind_host: str, given: list[str] | None) -> list[str] | None:

@@ -26,6 +26,12 @@ class Metrics:
         self.generation_seconds = Histogram("glmkit_generation_seconds", "time from admission to the last token",
                                             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                             registry=self.registry)
+        self.prefix_queried = Counter("glmkit_prefix_cache_queried_tokens",
+                                      "prompt tokens looked up in the prefix cache (admitted prefills)",
+                                      registry=self.registry)
+        self.prefix_hits = Counter("glmkit_prefix_cache_hit_tokens",
+                                   "of those, tokens whose keys and values came from the prefix cache",
+                                   registry=self.registry)
         queue_depth = Gauge("glmkit_queue_depth", "requests waiting for a batch slot", registry=self.registry)
         queue_depth.set_function(lambda: engine.queue_depth)
         running = Gauge("glmkit_running_requests", "requests in the running batch", registry=self.registry)
@@ -38,6 +44,11 @@ class Metrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(completion_tokens)
         self.generation_seconds.observe(seconds)
+
+    def prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """One prefill's lookup: the hit rate is glmkit_prefix_cache_hit_tokens / glmkit_prefix_cache_queried_tokens."""
+        self.prefix_queried.inc(prompt_tokens)
+        self.prefix_hits.inc(hit_tokens)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

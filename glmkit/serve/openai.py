@@ -62,6 +62,7 @@ class Completion:
     tool_calls: list[dict] | None = None  # OpenAI-shape calls parsed from the reply (finish_reason "tool_calls")
     logprobs: list[TokenInfo] = field(default_factory=list)  # the reply's tokens, when asked for
     prompt_logprobs: list[TokenInfo] = field(default_factory=list)  # the prompt's (echo), first one's logprob None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the engine's prefix cache
 
 
 @dataclass
@@ -165,11 +166,15 @@ class Serving:
         pending: list[TokenInfo] = []
         every: list[TokenInfo] = []
         prompt_info: list[TokenInfo] = []
+        cached = 0
         started = time.perf_counter()
         # aclosing: leaving early (a stop string, a client gone) closes the engine's outputs, which aborts
         # the request and frees its batch slot at once.
         async with aclosing(outputs):
             async for output in outputs:
+                if output.cached_tokens is not None:
+                    cached = output.cached_tokens
+                    self.metrics.prefix_cache(len(prompt_ids), cached)
                 if output.prompt_logprobs is not None:
                     prompt_info = self.prompt_token_infos(prompt_ids, output.prompt_logprobs)
                     yield Piece(prompt=prompt_info)
@@ -210,12 +215,13 @@ class Serving:
                 yield Piece(content, pending)
                 pending = []
             yield Piece("", pending, Completion(content, len(prompt_ids), len(new), "tool_calls", calls, every,
-                                                prompt_info))
+                                                prompt_info, cached))
             return
         delta = text.finish(decoded)
         if delta or pending:
             yield Piece(delta, pending)
-        yield Piece("", [], Completion(text.final, len(prompt_ids), len(new), finish, None, every, prompt_info))
+        yield Piece("", [], Completion(text.final, len(prompt_ids), len(new), finish, None, every, prompt_info,
+                                       cached))
 
     def token_info(self, logprob: TokenLogprob, text: str) -> TokenInfo:
         """An engine TokenLogprob with texts: the token's own share of the answer; an alternative's, decoded alone."""
@@ -375,9 +381,11 @@ class Serving:
 
 
 def _usage(dones: list[Completion]) -> dict:
-    """The prompt counts once however many choices share it (OpenAI's rule)."""
+    """The prompt counts once however many choices share it (OpenAI's rule), and so do its cached tokens: the first
+    choice's (the later choices of a prompt find the blocks the first one left in the prefix cache)."""
     prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens}}
 
 
 def _share(shown: str, decoded: str) -> tuple[str, str]:

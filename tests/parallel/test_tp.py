@@ -22,6 +22,7 @@ import httpx
 import pytest
 import torch
 
+import glmkit
 from glmkit import GLMForCausalLM, SamplingParams
 from glmkit.checkpoints.hf import describe, local_tensors, read_config
 from glmkit.cli import main as cli_main
@@ -314,7 +315,7 @@ def chat_model(models, tokenizer) -> Path:
     return write_chat_model(models / "chat", tokenizer)
 
 
-def start_ranks(model: Path, port: int, timeout: float) -> list[subprocess.Popen]:
+def start_ranks(model: Path, port: int, timeout: float, *flags: str) -> list[subprocess.Popen]:
     """Two ranks started by hand with torchrun's environment, so that no launcher tears them down:
     what happens when one dies is then glmkit's doing alone."""
     master = free_port()
@@ -324,7 +325,7 @@ def start_ranks(model: Path, port: int, timeout: float) -> list[subprocess.Popen
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "glmkit", "serve", "--model", str(model), "--tp", "2", "--port", str(port),
-             "--tp-timeout", str(timeout)], env=rank_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             "--tp-timeout", str(timeout), *flags], env=rank_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True))
     return procs
 
@@ -373,6 +374,38 @@ def test_tp_server_answers_as_tp1_and_a_dead_rank_stops_it(chat_model):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.slow
+def test_tp_server_with_the_prefix_cache_answers_as_tp1_without_it(chatglm3_model):
+    """Every rank looks its prefix cache up and evicts from it in the same way (each holding its own KV heads of
+    the blocks): prompts sharing a system prompt, the same prompt again, and a room of 4 blocks that evicts."""
+    from fastapi.testclient import TestClient
+
+    from glmkit.serve.app import create_app
+
+    system = "You answer questions about tea, maps and bicycles in one short sentence, politely. " * 3
+    prompts = [system + q for q in ("Which tea?", "Which map?", "Which bell?")]
+    prompts += [prompts[0], "Something else entirely, " + system, prompts[1]]
+    model, tokenizer = glmkit.load(chatglm3_model, dtype="float32", progress=False)
+    with TestClient(create_app(model, tokenizer, "chat", prefix_cache_mb=0)) as client:
+        body = {"model": "chat", "max_tokens": 8, "temperature": 0}
+        want = [client.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+                for p in prompts]
+    port = free_port()
+    # 0.03 MiB: 3 blocks of the whole model's 8 KiB (each rank holds half of every block: one of the 2 KV heads)
+    procs = start_ranks(chatglm3_model, port, 30, "--dtype", "float32", "--served-model-name", "chat",
+                        "--prefix-cache-mb", "0.03")
+    try:
+        wait_healthy(port, procs)
+        got = [completion(port, p).json() for p in prompts]
+        assert [g["choices"][0]["text"] for g in got] == want
+        cached = [g["usage"]["prompt_tokens_details"]["cached_tokens"] for g in got]
+        # The shared system prompt fills the 3 blocks; the other start evicts them all, so prompt 1 again finds none.
+        assert cached == [0, 48, 48, 48, 0, 0]
+    finally:
+        for p in procs:
+            p.kill()
 
 
 @pytest.mark.slow
