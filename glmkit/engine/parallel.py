@@ -29,6 +29,9 @@ class BroadcastRunner(ModelRunner):
     def move(self, *args: Any) -> None:
         return self._everywhere("move", args)
 
+    def embed(self, *args: Any) -> list[list[float]]:
+        return self._everywhere("embed", args)
+
     def _everywhere(self, method: str, args: tuple) -> Any:
         try:
             tp.broadcast_object((method, args))
