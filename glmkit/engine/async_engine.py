@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from glmkit.engine.engine import Engine
@@ -59,7 +59,7 @@ class _Embed:
 class _EmbedJob:
     command: _Embed
     batches: deque[list[int]]  # the inputs' indices, one forward pass each, still to run
-    vectors: list[list[float] | None] = field(default_factory=list)
+    vectors: list[list[float] | None]  # by input index, filled in as the batches run
 
 
 class RequestOutputs:

@@ -28,6 +28,10 @@ from glmkit.models.positions import MissingSopError, pad_layouts
 # Padded tokens (rows x the longest row) in one forward pass: bounds a batch's activations, and how long the
 # server's engine pauses decoding for one batch. An input longer than this runs alone.
 EMBED_BATCH_TOKENS = 8192
+# The share of a batch's padded tokens that may be padding: a short input starts a new batch rather than be padded
+# to four thirds of its length or more (on a CPU, the cost is the padded tokens; on a GPU, a few more batches
+# cost little).
+MAX_PADDING = 0.25
 PAD_ID = 0  # what fills the padding: nothing reads it, and 0 is in every vocabulary
 
 
@@ -52,15 +56,21 @@ def check_inputs(model: GLM, sequences: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"input {i} holds token id {bad}, outside the model's vocabulary (0 to {vocab - 1})")
 
 
-def plan_batches(lengths: Sequence[int], budget: int = EMBED_BATCH_TOKENS) -> list[list[int]]:
-    """The inputs' indices grouped into forward passes of at most `budget` padded tokens, longest first (rows of
-    a batch are then alike, so there is little padding)."""
+def plan_batches(lengths: Sequence[int], budget: int = EMBED_BATCH_TOKENS,
+                 max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """The inputs' indices grouped into forward passes, longest first: each batch at most `budget` padded tokens
+    (rows x its longest row; an input longer than that runs alone), at most `max_padding` of them pads."""
     batches: list[list[int]] = []
+    real = 0  # the last batch's tokens that are not padding
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            padded = (len(batches[-1]) + 1) * lengths[batches[-1][0]]
+            if padded <= budget and real + lengths[i] >= (1 - max_padding) * padded:
+                batches[-1].append(i)
+                real += lengths[i]
+                continue
+        batches.append([i])
+        real = lengths[i]
     return batches
 
 

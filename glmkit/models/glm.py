@@ -581,8 +581,8 @@ class GLM(nn.Module):
         *,
         cache_position: CachePosition = None,
     ) -> torch.Tensor:
-        """The final norm's output [B, S, hidden], as `forward` takes them, without the output layer: what pools
-        into embeddings (glmkit.generation.embed), where the vocabulary-wide product would be most of the cost."""
+        """The final norm's output [B, S, hidden] for `forward`'s arguments, without the output layer: what pools
+        into embeddings (glmkit.generation.embed), which need no vocabulary-wide product."""
         if position_ids is None:
             if cache_position:
                 raise ValueError("position_ids are required when continuing from a KV cache")

@@ -114,15 +114,17 @@ def test_inputs_the_model_cannot_take_are_named(inputs, message):
         embed(model, inputs)
 
 
-def test_batches_stay_within_the_budget_longest_first():
+def test_batches_stay_within_the_budget_and_the_padding_longest_first():
     lengths = [5, 40, 3, 40, 12, 7, 90, 1]
     batches = plan_batches(lengths, budget=80)
     assert sorted(i for rows in batches for i in rows) == list(range(len(lengths)))
     for rows in batches:
-        assert len(rows) == 1 or len(rows) * max(lengths[i] for i in rows) <= 80
+        padded = len(rows) * max(lengths[i] for i in rows)
+        assert len(rows) == 1 or (padded <= 80 and sum(lengths[i] for i in rows) >= 0.75 * padded)
     order = [lengths[i] for rows in batches for i in rows]
     assert order == sorted(lengths, reverse=True)
-    assert batches == [[6], [1, 3], [4, 5, 0, 2, 7]]
+    assert batches == [[6], [1, 3], [4, 5], [0, 2], [7]]
+    assert plan_batches(lengths, budget=80, max_padding=1.0) == [[6], [1, 3], [4, 5, 0, 2, 7]]
 
 
 def test_model_embed_encodes_texts_as_prompts(tokenizer, tmp_path):

@@ -134,7 +134,7 @@ def test_bad_requests_are_400s_in_openais_shape(glm4, body, message):
     assert error["param"] in ("input", "dimensions", "encoding_format")
 
 
-def test_the_key_model_name_metrics_and_schema(glm4):
+def test_the_key_host_model_name_metrics_and_schema(glm4):
     client, base, _, _, name = glm4
     body = {"model": name, "input": "hello"}
     anonymous = httpx.post(f"{base}/v1/embeddings", json=body, timeout=30)
@@ -143,6 +143,8 @@ def test_the_key_model_name_metrics_and_schema(glm4):
         client.embeddings.create(model="text-embedding-3-small", input="hello")
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(f"{base}/v1/embeddings", json=body, headers=headers, timeout=30).status_code == 200
+    rebound = httpx.post(f"{base}/v1/embeddings", json=body, headers={**headers, "Host": "evil.test"}, timeout=30)
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
     metrics = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
     assert 'endpoint="/v1/embeddings",status="200"' in metrics and 'endpoint="/v1/embeddings",status="401"' in metrics
     assert "glmkit_embedding_tokens_total" in metrics
