@@ -1,13 +1,13 @@
 """The public face of glmkit: the names ChatGLM and Hugging Face users already know.
 
 `GLMForCausalLM` is the bare `GLM` module plus the methods users call on it (`from_pretrained`,
-`generate`, `chat`, `stream_chat`, `process_response`, `infill`, `save_pretrained`); each method delegates to the module that
-owns the idea, so the model file stays a model file.
+`generate`, `chat`, `stream_chat`, `process_response`, `infill`, `embed`, `save_pretrained`); each method
+delegates to the module that owns the idea, so the model file stays a model file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from glmkit.checkpoints.hf import load_model, save_model
 from glmkit.families import family_of
 from glmkit.generation import chat as chat_lib
 from glmkit.generation.beam import beam_generate
+from glmkit.generation.embed import EMBED_BATCH_TOKENS, embed
 from glmkit.generation.generate import generate, stream_tokens
 from glmkit.generation.infill import fill_text
 from glmkit.generation.sampling import SamplingParams
@@ -143,6 +144,16 @@ class GLMForCausalLM(GLM):
                              "with glmkit.load or from_pretrained, or chat with it first")
         self.chat_format = chat_format_for(family_of(self.config).load_tokenizer(path))
         return self.chat_format
+
+    def embed(self, tokenizer: Tokenizer, texts: str | Sequence[str],
+              batch_tokens: int = EMBED_BATCH_TOKENS) -> torch.Tensor:
+        """Unit-length fp32 embeddings of `texts`, [N, hidden] ([hidden] for one str), each encoded as a prompt
+        (`tokenizer.encode`) and pooled per family: the last token's final hidden state for the causal families,
+        the mean over the tokens for ChatGLM-6B and GLM-130B (glmkit.generation.embed, which also takes token
+        ids). Run in batches of at most `batch_tokens` padded tokens; a text's vector does not depend on the batch."""
+        single = isinstance(texts, str)
+        vectors = embed(self, [tokenizer.encode(t) for t in ([texts] if single else texts)], batch_tokens)
+        return vectors[0] if single else vectors
 
     def infill(self, tokenizer: Tokenizer, text: str, **kwargs: Any) -> str:
         """`text` with every [MASK] (a span), [sMASK] (a sentence) and [gMASK] (the rest) filled, left to right,

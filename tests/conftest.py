@@ -154,9 +154,9 @@ def glm4_hf_dir(tmp_path_factory: pytest.TempPathFactory, glm4_fast_model: FastT
     return root
 
 
-@pytest.fixture(scope="session")
-def chatglm3_model(chatglm3_dir, tmp_path_factory):
-    """A random ChatGLM3-layout model over the test-trained ChatGLM3 tokenizer, saved as an official directory."""
+def _thudm_model(tokenizer_dir: Path, out: Path, vocab: int) -> Path:
+    """A random THUDM-layout (ChatGLM2/3, GLM-4-9B) model over the tokenizer in `tokenizer_dir`, saved as an
+    official directory."""
     import torch
 
     import glmkit
@@ -164,13 +164,24 @@ def chatglm3_model(chatglm3_dir, tmp_path_factory):
 
     from layouts import thudm_config
 
-    out = tmp_path_factory.mktemp("chatglm3-model")
     torch.manual_seed(0)
-    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=vocab, seq_length=512)))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     model.save_pretrained(out)
     for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(chatglm3_dir / name, out / name)
+        shutil.copyfile(tokenizer_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def chatglm3_model(chatglm3_dir, tmp_path_factory):
+    """A random ChatGLM3-layout model over the test-trained ChatGLM3 tokenizer, saved as an official directory."""
+    return _thudm_model(chatglm3_dir, tmp_path_factory.mktemp("chatglm3-model"), 1024)
+
+
+@pytest.fixture(scope="session")
+def glm4_model(glm4_dir, tmp_path_factory):
+    """A random GLM-4-9B-layout (causal, GQA) model over the test-trained GLM-4 tokenizer, as an official directory."""
+    return _thudm_model(glm4_dir, tmp_path_factory.mktemp("glm4-model"), 1536)

@@ -55,6 +55,10 @@ class Engine:
         self.scheduler.add(request)
         return request
 
+    def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """One batch of checked inputs' unit-length embeddings, run between steps (under --tp on every rank)."""
+        return self.runner.embed(sequences)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

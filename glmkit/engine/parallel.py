@@ -33,6 +33,9 @@ class BroadcastRunner(ModelRunner):
     def keep(self, *args: Any) -> None:
         return self._everywhere("keep", args)
 
+    def embed(self, *args: Any) -> list[list[float]]:
+        return self._everywhere("embed", args)
+
     def _everywhere(self, method: str, args: tuple) -> Any:
         try:
             tp.broadcast_object((method, args))

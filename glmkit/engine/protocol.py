@@ -38,3 +38,9 @@ class EngineClient(Protocol):
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
         """submit, then the outputs: for callers that need no admission step of their own."""
         ...
+
+    async def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Unit-length embeddings of token-id inputs, in their order (pooled per family: glmkit.generation.embed);
+        raises ValueError for an input the model cannot take, naming its index, and QueueFull when too many
+        embedding requests wait. Cancelling drops the batches not yet run."""
+        ...

@@ -16,6 +16,7 @@ import torch
 
 from glmkit.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from glmkit.engine.request import TokenLogprob
+from glmkit.generation.embed import embed_batch
 from glmkit.generation.generate import keeps_prefix, make_generator, prefill_inputs, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
@@ -130,6 +131,11 @@ class ModelRunner:
         # under sampling those divided by the temperature with top-k / top-p's cut tokens at -inf.
         self.logprobs[slot] = None if k is None else token_logprob(scores[0].log_softmax(-1), token, k)
         return token
+
+    def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """One batch of checked inputs' embeddings (glmkit.generation.embed). The pass uses no cache position, so
+        the slots' caches are left as they are."""
+        return embed_batch(self.model, sequences).tolist()
 
     def move(self, src: int, dst: int) -> None:
         """Move a request's whole state from slot src to slot dst (the scheduler compacts the batch)."""

@@ -573,6 +573,23 @@ class GLM(nn.Module):
         """input_ids [B, S]. Without positions and mask, they are derived from the ids exactly as the
         official model does (pads count as context). With a KV cache set up, `cache_position` is where
         these tokens go in it, and positions must be given for anything but the first chunk."""
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_position=cache_position)
+        selected = hidden[:, -1:] if last_only else hidden
+        # As 2D rows: a strided 3D slice sends F.linear down a batched path that copies the whole
+        # (1 GB at ChatGLM-6B's vocabulary) output table, measured at 6 s per prompt in bf16.
+        logits = self.lm_head(selected.reshape(-1, selected.shape[-1])).view(*selected.shape[:-1], -1)
+        return CausalLMOutput(logits=logits, hidden_states=hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache_position: CachePosition = None,
+    ) -> torch.Tensor:
+        """The final norm's output [B, S, hidden] for `forward`'s arguments, without the output layer: what pools
+        into embeddings (glmkit.generation.embed), which need no vocabulary-wide product."""
         if position_ids is None:
             if cache_position:
                 raise ValueError("position_ids are required when continuing from a KV cache")
@@ -580,12 +597,7 @@ class GLM(nn.Module):
             attention_mask = derived_mask if attention_mask is None else attention_mask
         start = int(cache_position.max()) if isinstance(cache_position, torch.Tensor) else cache_position or 0
         self.check_length(start, input_ids.shape[1])
-        hidden = self.transformer(input_ids, position_ids, attention_mask, cache_position)
-        selected = hidden[:, -1:] if last_only else hidden
-        # As 2D rows: a strided 3D slice sends F.linear down a batched path that copies the whole
-        # (1 GB at ChatGLM-6B's vocabulary) output table, measured at 6 s per prompt in bf16.
-        logits = self.lm_head(selected.reshape(-1, selected.shape[-1])).view(*selected.shape[:-1], -1)
-        return CausalLMOutput(logits=logits, hidden_states=hidden)
+        return self.transformer(input_ids, position_ids, attention_mask, cache_position)
 
     def check_length(self, start: int, count: int) -> None:
         end = start + count

@@ -20,7 +20,7 @@ Masks here use the official convention: a bool tensor where True means *blocked*
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -209,16 +209,27 @@ def padded_layout(
 
     Returns input_ids [B, L], attention_mask [B, 1, L, L] (True = blocked; pad rows and columns
     blocked), position_ids [B, P, L] (pads at 0, real tokens counted from 0)."""
+    return pad_layouts(sequences, lambda seq: layout.sequence(seq, special, prefer_gmask=False), special.pad, length)
+
+
+def pad_layouts(
+    sequences: Sequence[Sequence[int]],
+    layout_of: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
+    pad: int,
+    length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """padded_layout with each sequence's (position_ids [P, L], blocked [L, L]) from `layout_of` (embeddings read
+    ids without <sop> as all context): every row is what it would be alone, behind pads that nothing sees."""
     length = max(len(s) for s in sequences) if length is None else length
     batch_ids, batch_mask, batch_pos = [], [], []
     for seq in sequences:
         if len(seq) > length:
             raise ValueError(f"a sequence of {len(seq)} tokens does not fit the padded length {length}")
         n_pad = length - len(seq)
-        positions, blocked = layout.sequence(seq, special, prefer_gmask=False)
+        positions, blocked = layout_of(seq)
         mask = torch.ones(length, length, dtype=torch.bool)
         mask[n_pad:, n_pad:] = blocked
-        batch_ids.append(torch.tensor([special.pad] * n_pad + list(seq), dtype=torch.long))
+        batch_ids.append(torch.tensor([pad] * n_pad + list(seq), dtype=torch.long))
         batch_mask.append(mask)
         batch_pos.append(torch.nn.functional.pad(positions, (n_pad, 0)))
     return {

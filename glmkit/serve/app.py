@@ -27,6 +27,7 @@ from glmkit.engine.async_engine import AsyncEngine
 from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from glmkit.engine.protocol import EngineClient
 from glmkit.models.glm import GLM
+from glmkit.serve.embeddings import EmbeddingRequest, EmbeddingResponse, Embeddings
 from glmkit.serve.metrics import CONTENT_TYPE, UNMATCHED
 from glmkit.serve.openai import APIError, Serving
 from glmkit.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, LegacyRequest
@@ -58,7 +59,8 @@ def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: st
     engine = start_engine(model, max_batch, max_queue, prefix_cache_mb)
     return build_app(engine, tokenizer, chat_format_for(tokenizer), model_name,
                      model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins,
-                     allowed_hosts=allowed_hosts, metrics_public=metrics_public)
+                     allowed_hosts=allowed_hosts, metrics_public=metrics_public,
+                     embedding_size=model.config.hidden_size)
 
 
 def start_engine(model: GLM, max_batch: int, max_queue: int,
@@ -83,11 +85,13 @@ def default_allowed_hosts(bind_host: str, given: list[str] | None) -> list[str] 
 
 def build_app(engine: EngineClient, tokenizer: Tokenizer, chat_format: ChatFormat, model_name: str, context: int, *,
               api_key: str | None = None, cors_origins: list[str] | None = None,
-              allowed_hosts: list[str] | None = None, metrics_public: bool = False) -> FastAPI:
+              allowed_hosts: list[str] | None = None, metrics_public: bool = False,
+              embedding_size: int | None = None) -> FastAPI:
     """The routes over any engine client; `context` is the model's max_sequence_length.
 
     /metrics needs the API key when there is one (its counts tell who uses the server how much) unless
-    metrics_public; allowed_hosts None accepts any Host header."""
+    metrics_public; allowed_hosts None accepts any Host header. /v1/embeddings is served when embedding_size
+    (the model's hidden size) is given: an engine client that embeds nothing is built without it."""
     serving = Serving(engine, tokenizer, chat_format, model_name, context)
     app = FastAPI(title="glmkit", description="OpenAI-compatible and ChatGLM APIs for GLM models")
     app.state.serving = serving
@@ -167,6 +171,15 @@ def build_app(engine: EngineClient, tokenizer: Tokenizer, chat_format: ChatForma
     @app.post("/v1/completions", responses=answers)
     async def completions(body: CompletionRequest, request: Request):
         return respond(await unless_disconnected(request, serving.completion(body)))
+
+    if embedding_size is not None:
+        embeddings = Embeddings(serving, embedding_size)
+
+        @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse, "description": "the embeddings"},
+                                               **errors})
+        async def create_embeddings(body: EmbeddingRequest, request: Request):
+            # A JSONResponse as it is: FastAPI's encoder would walk every float of every vector first.
+            return JSONResponse(await unless_disconnected(request, embeddings.create(body)))
 
     @app.post("/", responses={k: v for k, v in errors.items() if k != 404})
     async def legacy(body: LegacyRequest, request: Request):

@@ -53,6 +53,12 @@ class APIError(Exception):
 RETRY_AFTER_S = 1
 
 
+def busy(error: QueueFull) -> APIError:
+    """A full queue's 429, with Retry-After."""
+    return APIError(429, f"the server is busy ({error}); retry shortly", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 @dataclass
 class Completion:
     text: str | None  # the reply's text (None: a tool call without text)
@@ -142,8 +148,7 @@ class Serving:
             for outputs in admitted:
                 await outputs.aclose()
             if isinstance(e, QueueFull):
-                raise APIError(429, f"the server is busy ({e}); retry shortly", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from e
+                raise busy(e) from e
             if isinstance(e, ValueError):
                 raise APIError(400, str(e)) from e
             raise

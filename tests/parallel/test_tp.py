@@ -349,21 +349,29 @@ def completion(port: int, prompt: str) -> httpx.Response:
 
 @pytest.mark.slow
 def test_tp_server_answers_as_tp1_and_a_dead_rank_stops_it(chat_model):
+    """Completions and embeddings as at TP=1; a dead rank stops rank 0 with a clear line."""
     from fastapi.testclient import TestClient
 
     from glmkit.serve.app import create_app
     from glmkit.text.tokenizer import ChatGLMTokenizer
 
     model = GLMForCausalLM.from_pretrained(chat_model, progress=False)
+    embedding = {"model": "chat", "input": ["hello world", "good morning to you", "hi"], "encoding_format": "float"}
     with TestClient(create_app(model, ChatGLMTokenizer.from_pretrained(chat_model), "chat")) as client:
         want = client.post("/v1/completions", json={"model": "chat", "prompt": "hello world", "max_tokens": 8,
                                                     "temperature": 0}).json()["choices"][0]["text"]
+        data = client.post("/v1/embeddings", json=embedding).json()["data"]
+    want_vectors = torch.tensor([d["embedding"] for d in data])
     port = free_port()
     procs = start_ranks(chat_model, port, timeout=5)
     try:
         wait_healthy(port, procs)
         got = completion(port, "hello world")
         assert got.status_code == 200 and got.json()["choices"][0]["text"] == want
+        # Embeddings run on every rank too (BroadcastRunner.embed), between the steps.
+        vectors = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=embedding, timeout=60).json()["data"]
+        torch.testing.assert_close(torch.tensor([d["embedding"] for d in vectors]), want_vectors, atol=1e-5, rtol=0)
+        assert completion(port, "hello world").json()["choices"][0]["text"] == want
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait()
         with pytest.raises(httpx.HTTPError):  # the step fails, rank 0 stops: the connection drops

@@ -15,8 +15,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-# Three POST operations take bodies (the four GETs have one case each): about 250 requests, well under a
-# minute on the 64-token model.
+# Four POST operations take bodies (the four GETs have one case each): about 330 requests, under a minute on
+# the 64-token model.
 CASES_PER_OPERATION = 80
 
 
@@ -43,7 +43,8 @@ def test_the_api_against_its_own_schema(fuzz_schema, fuzz_server, api_key):
     headers = {"Authorization": f"Bearer {api_key}"}
     model_name = "fuzz-model"
     operations = [result.ok() for result in fuzz_schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions", "POST /"}
+    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions", "POST /",
+                                               "POST /v1/embeddings"}
     seen: dict[str, set[int]] = {}
     calls: list[str] = []
     for operation in operations:
@@ -68,3 +69,4 @@ def test_the_api_against_its_own_schema(fuzz_schema, fuzz_server, api_key):
     assert len(calls) >= 200, len(calls)
     # The generated requests reached the model as well as the refusals.
     assert 200 in seen["POST /v1/chat/completions"] and 400 in seen["POST /v1/chat/completions"]
+    assert 200 in seen["POST /v1/embeddings"] and 400 in seen["POST /v1/embeddings"]
