@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from glmkit.text.protocol import Tokenizer
 from glmkit.text.tool_calls import ToolSchema, assistant_message
@@ -38,6 +38,11 @@ class ChatFormatError(ValueError):
 
 class ChatFormat(Protocol):
     name: str
+    # How a reply is laid out, for grammars that constrain one (glmkit.generation.constraints): what a plain answer
+    # starts with ("\n" after ChatGLM3's and GLM-4's empty metadata line), and how a tool call is written:
+    # None (no tools), "json" (GLM-4: `name\n{json}`), "python" (ChatGLM3: `name\n```python\ntool_call(k=v)\n````).
+    answer_prefix: str
+    call_syntax: str | None
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         """The prompt for answering `query` after `history`."""
@@ -98,6 +103,8 @@ class RoundsFormat:
     adds the prefix), end at eos only, no tools."""
 
     name: str
+    answer_prefix: ClassVar[str] = ""
+    call_syntax: ClassVar[str | None] = None
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         raise NotImplementedError

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from glmkit.text.chat_format import ChatFormatError, History, Message
 from glmkit.text.protocol import Tokenizer
@@ -63,6 +63,8 @@ def _clean(text: str) -> str:
 @dataclass(frozen=True)
 class ChatGLM3Format:
     name: str = "chatglm3"
+    answer_prefix: ClassVar[str] = "\n"  # the empty metadata line of a plain answer
+    call_syntax: ClassVar[str | None] = "python"  # name\n```python\ntool_call(k=v, ...)\n```
 
     # ----- the conversation as ChatGLM3 messages
 

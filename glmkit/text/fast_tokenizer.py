@@ -29,6 +29,16 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's table: printable Latin-1
+    bytes stand for themselves, the other 68 bytes map to U+0100 onwards in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
+
+
 class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
     """A GLM-4 family fast tokenizer: ids, decode and specials from `tokenizer.json`, eos/pad and the chat
     template from `tokenizer_config.json`."""
@@ -108,6 +118,18 @@ class GLMFastTokenizer(ChatTemplateMixin, ParsesReplies):
         if isinstance(tokens, str):
             return self.tokenizer.token_to_id(tokens)
         return [self.tokenizer.token_to_id(t) for t in tokens]
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes, for grammars that constrain decoding: the model's tokens are byte-level BPE (GLM-4's
+        ranks, converted), each character standing for one byte; None for the added tokens (the specials)."""
+        table = byte_level_alphabet()
+        out: list[bytes | None] = [None] * len(self)
+        for token, index in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if any(c not in table for c in token):
+                raise ValueError(f"{self.tokenizer_file}: token {token!r} is not byte-level BPE, so its bytes are "
+                                 "unknown (grammar-constrained decoding needs them)")
+            out[index] = bytes(table[c] for c in token)
+        return out
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | None | list[str | None]:
         if isinstance(ids, int):

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from glmkit.text.chat_format import ChatFormatError, History, Message
 from glmkit.text.chat_template import GLM4_CHAT_TEMPLATE, render_template
@@ -55,6 +55,8 @@ def template_tools(tools: Sequence[ToolSchema]) -> list[dict[str, Any]]:
 class GLM4Format:
     name: str = "glm4"
     template: str = GLM4_CHAT_TEMPLATE
+    answer_prefix: ClassVar[str] = "\n"  # the empty metadata line of a plain answer
+    call_syntax: ClassVar[str | None] = "json"  # name\n{json arguments}
 
     def messages(self, messages: Sequence[Message], tools: Sequence[ToolSchema] | None = None) -> list[dict[str, Any]]:
         """GLM-4's messages: with `tools`, the tools ride on the first system message (the template writes the
