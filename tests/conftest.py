@@ -165,12 +165,36 @@ def chatglm3_model(chatglm3_dir, tmp_path_factory):
     from layouts import thudm_config
 
     out = tmp_path_factory.mktemp("chatglm3-model")
-    torch.manual_seed(0)
-    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=512)))
+    torch.manual_seed(0)  # 2048 positions: a prompt with tools runs to ~1000 tokens in the test tokenizer's pieces
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=1024, seq_length=2048)))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     model.save_pretrained(out)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(chatglm3_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def glm4_model(glm4_dir, tmp_path_factory):
+    """A random GLM-4-9B-layout model (THUDM's names) over the test-trained GLM-4 tokenizer, as an official directory."""
+    import torch
+
+    import glmkit
+    from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
+    from glmkit.text.glm4_tokenizer import GLM4Tokenizer
+
+    from layouts import thudm_config
+
+    out = tmp_path_factory.mktemp("glm4-model")
+    vocab = -(-len(GLM4Tokenizer.from_pretrained(glm4_dir)) // 64) * 64
+    torch.manual_seed(0)  # 2048 positions: GLM-4's tool prompts are long in the test tokenizer's few merges
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=vocab, seq_length=2048)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(glm4_dir / name, out / name)
     return out

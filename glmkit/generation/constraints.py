@@ -23,6 +23,7 @@ compile and then let through replies that do not validate. Such a schema is refu
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -70,9 +71,33 @@ def check_schema(schema: Any, where: str = "schema", enforced: frozenset[str] = 
             raise UnsupportedSchema(f"{where} uses {key!r}, which constrained decoding cannot enforce; supported "
                                   f"keywords: {', '.join(sorted(enforced))}")
         _check_keyword(key, value, f"{where}.{key}", enforced)
+    undefined = [name for name in schema.get("required", []) if name not in schema.get("properties", {})]
+    if undefined:  # the grammar writes declared properties only, so these could never appear
+        raise UnsupportedSchema(f"{where}.required lists {undefined}, which properties does not define: define them "
+                                "in properties (constrained decoding writes only declared properties)")
+
+
+COUNTS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
+BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+
+
+def _check_value(key: str, value: Any, where: str) -> None:
+    """The shape JSON Schema gives each keyword's value, so a malformed one is a clear error here, not in a grammar."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key in COUNTS and not (number and value == int(value) and value >= 0):
+        raise ConstraintError(f"{where} must be a non-negative integer, got {value!r}")
+    if key in BOUNDS and not (number and math.isfinite(value)):
+        raise ConstraintError(f"{where} must be a finite number, got {value!r}")
+    if key == "required" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ConstraintError(f"{where} must be a list of property names")
+    if key == "enum" and not (isinstance(value, list) and value):
+        raise ConstraintError(f"{where} must be a non-empty list")
+    if key == "pattern" and not isinstance(value, str):
+        raise ConstraintError(f"{where} must be a regular expression (a string)")
 
 
 def _check_keyword(key: str, value: Any, where: str, enforced: frozenset[str]) -> None:
+    _check_value(key, value, where)
     if key in ("properties", "$defs", "definitions"):
         if not isinstance(value, Mapping):
             raise ConstraintError(f"{where} must be an object of schemas")

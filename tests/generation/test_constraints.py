@@ -20,7 +20,6 @@ import torch
 import glmkit
 from glmkit.generation import constraints
 from glmkit.generation.constraints import ENFORCED, ConstraintError, UnsupportedSchema, json_grammar, tool_call_grammar
-from glmkit.generation.sampling import SamplingParams
 from glmkit.text.chatglm3_format import CHATGLM3
 from glmkit.text.chatglm3_tokenizer import ChatGLM3Tokenizer
 from glmkit.text.glm4_format import GLM4
@@ -224,6 +223,21 @@ def test_forced_calls_parse_as_the_familys_tool_calls_with_valid_arguments(famil
 def test_keywords_that_are_not_enforced_are_refused_by_name(demo, schema, word):
     with pytest.raises(UnsupportedSchema, match=word):
         json_grammar(constraints.vocabulary(demo), schema)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "object", "properties": {}, "required": ["zz"]}, "which properties does not define"),
+    ({"type": "string", "maxLength": -1}, "non-negative integer"),
+    ({"type": "array", "maxItems": "3"}, "non-negative integer"),
+    ({"enum": []}, "non-empty list"),
+    ({"type": "object", "properties": {"a": 5}}, "must be a JSON Schema object"),
+])
+def test_malformed_or_unreachable_schemas_are_refused_before_compiling(demo, chatglm3, schema, words):
+    with pytest.raises(ConstraintError, match=words):
+        json_grammar(constraints.vocabulary(demo), schema)
+    with pytest.raises(ConstraintError, match=words):  # ChatGLM3's own rules check them the same way
+        tool_call_grammar(constraints.vocabulary(chatglm3), [{"name": "f", "parameters": {
+            "type": "object", "properties": {"x": schema}, "required": ["x"]}}], "python")
 
 
 def test_a_schema_that_does_not_compile_is_a_constraint_error(demo):
