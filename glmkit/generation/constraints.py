@@ -46,6 +46,10 @@ class UnsupportedSchema(ConstraintError):
     """A valid JSON Schema using a keyword (or format, or reference) that constrained decoding does not enforce."""
 
 
+class Unavailable(ConstraintError):
+    """The grammar library is not installed: constrained decoding cannot run here at all."""
+
+
 # ----- which JSON Schema keywords are enforced
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -58,19 +62,24 @@ FORMATS = frozenset({"date", "time", "date-time", "duration", "email", "hostname
 JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 
 
-def check_schema(schema: Any, where: str = "schema", enforced: frozenset[str] = ENFORCED) -> None:
+MAX_DEPTH = 32  # schemas nested deeper are refused: the checks, the grammar writers and xgrammar all recurse
+
+
+def check_schema(schema: Any, where: str = "schema", enforced: frozenset[str] = ENFORCED, depth: int = 0) -> None:
     """Raise ConstraintError naming the first keyword (with its place) that constrained decoding does not enforce."""
     if isinstance(schema, bool):
         return
     if not isinstance(schema, Mapping):
         raise ConstraintError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+    if depth > MAX_DEPTH:
+        raise UnsupportedSchema(f"{where}: the schema is nested more than {MAX_DEPTH} levels deep")
     for key, value in schema.items():
         if key in ANNOTATIONS:
             continue
         if key not in enforced:
             raise UnsupportedSchema(f"{where} uses {key!r}, which constrained decoding cannot enforce; supported "
-                                  f"keywords: {', '.join(sorted(enforced))}")
-        _check_keyword(key, value, f"{where}.{key}", enforced)
+                                    f"keywords: {', '.join(sorted(enforced))}")
+        _check_keyword(key, value, f"{where}.{key}", enforced, depth + 1)
     undefined = [name for name in schema.get("required", []) if name not in schema.get("properties", {})]
     if undefined:  # the grammar writes declared properties only, so these could never appear
         raise UnsupportedSchema(f"{where}.required lists {undefined}, which properties does not define: define them "
@@ -96,20 +105,20 @@ def _check_value(key: str, value: Any, where: str) -> None:
         raise ConstraintError(f"{where} must be a regular expression (a string)")
 
 
-def _check_keyword(key: str, value: Any, where: str, enforced: frozenset[str]) -> None:
+def _check_keyword(key: str, value: Any, where: str, enforced: frozenset[str], depth: int) -> None:
     _check_value(key, value, where)
     if key in ("properties", "$defs", "definitions"):
         if not isinstance(value, Mapping):
             raise ConstraintError(f"{where} must be an object of schemas")
         for name, sub in value.items():
-            check_schema(sub, f"{where}.{name}", enforced)
+            check_schema(sub, f"{where}.{name}", enforced, depth)
     elif key in ("items", "additionalProperties"):
-        check_schema(value, where, enforced)
+        check_schema(value, where, enforced, depth)
     elif key in ("anyOf", "prefixItems"):
         if not isinstance(value, list) or not value:
             raise ConstraintError(f"{where} must be a non-empty list of schemas")
         for i, sub in enumerate(value):
-            check_schema(sub, f"{where}[{i}]", enforced)
+            check_schema(sub, f"{where}[{i}]", enforced, depth)
     elif key == "format" and value not in FORMATS:
         raise UnsupportedSchema(f"{where} {value!r} is not a format constrained decoding enforces ({sorted(FORMATS)})")
     elif key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
@@ -139,7 +148,10 @@ class Vocabulary:
         eos = tokenizer.eos_token_id
         info = xgr.TokenizerInfo(usable, xgr.VocabType.RAW, vocab_size=self.size,
                                  stop_token_ids=[eos] if 0 <= eos < self.size else None)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1))
+        # Compiled grammars are cached by their text, up to a bound: a client sending ever new schemas must not
+        # grow the server without end.
+        self.compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
+                                            cache_limit_bytes=COMPILE_CACHE_BYTES)
         self.words = (self.size + 31) // 32  # the bitmask's 32-bit words
 
     def compile(self, grammar: Any) -> Any:
@@ -155,6 +167,7 @@ class Vocabulary:
         return '" "?' if self.strips_leading_space else '""'
 
 
+COMPILE_CACHE_BYTES = 256 * 2**20
 _VOCABULARIES: dict[int, tuple[Tokenizer, Vocabulary]] = {}
 _LOCK = threading.Lock()
 
@@ -172,7 +185,7 @@ def _xgrammar() -> Any:
     try:
         import xgrammar
     except ImportError as error:
-        raise ConstraintError("structured output needs xgrammar: pip install xgrammar (on a CPU-only machine "
+        raise Unavailable("structured output needs xgrammar: pip install xgrammar (on a CPU-only machine "
                               "`pip install --no-deps xgrammar apache-tvm-ffi transformers` avoids triton)") from error
     return xgrammar
 

@@ -150,7 +150,8 @@ class Serving:
         try:
             return await asyncio.to_thread(lambda: build(constraints.vocabulary(self.tokenizer)))
         except constraints.ConstraintError as e:
-            code = "unsupported_parameter" if isinstance(e, constraints.UnsupportedSchema) else "invalid_schema"
+            unsupported = isinstance(e, constraints.UnsupportedSchema | constraints.Unavailable)
+            code = "unsupported_parameter" if unsupported else "invalid_schema"
             raise APIError(400, str(e), code=code, param=param) from e
 
     async def admit(self, ids: list[int], params: list[SamplingParams], logprobs: int | None = None,

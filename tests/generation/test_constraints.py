@@ -8,9 +8,11 @@ keyword xgrammar silently stopped enforcing would show up here; the keywords it 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -231,6 +233,7 @@ def test_keywords_that_are_not_enforced_are_refused_by_name(demo, schema, word):
     ({"type": "array", "maxItems": "3"}, "non-negative integer"),
     ({"enum": []}, "non-empty list"),
     ({"type": "object", "properties": {"a": 5}}, "must be a JSON Schema object"),
+    (functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(40), {}), "nested more than 32"),
 ])
 def test_malformed_or_unreachable_schemas_are_refused_before_compiling(demo, chatglm3, schema, words):
     with pytest.raises(ConstraintError, match=words):
@@ -268,3 +271,9 @@ def test_generate_with_a_grammar_gives_valid_json_for_every_row():
     for row in out[:, prompt_length:].tolist():
         end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
         jsonschema.validate(json.loads(tokenizer.decode(row[:end])), schema)
+
+
+def test_without_xgrammar_a_grammar_is_refused_with_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now fails, as where it is not installed
+    with pytest.raises(constraints.Unavailable, match="pip install"):
+        constraints.vocabulary(ChatGLMTokenizer.from_pretrained(DEMO))  # a fresh tokenizer: nothing cached
