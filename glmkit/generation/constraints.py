@@ -186,7 +186,7 @@ def _xgrammar() -> Any:
         import xgrammar
     except ImportError as error:
         raise Unavailable("structured output needs xgrammar: pip install xgrammar (on a CPU-only machine "
-                              "`pip install --no-deps xgrammar apache-tvm-ffi transformers` avoids triton)") from error
+                          "`pip install --no-deps xgrammar apache-tvm-ffi transformers` avoids triton)") from error
     return xgrammar
 
 
