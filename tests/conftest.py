@@ -164,8 +164,9 @@ def _thudm_model(tokenizer_dir: Path, out: Path, vocab: int) -> Path:
 
     from layouts import thudm_config
 
+    # 2048 positions: a prompt with tools runs to ~1000 tokens in the test tokenizers' few pieces and merges
     torch.manual_seed(0)
-    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=vocab, seq_length=512)))
+    model = glmkit.GLMForCausalLM(THUDM_LAYOUT.config(thudm_config(padded_vocab_size=vocab, seq_length=2048)))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -184,4 +185,7 @@ def chatglm3_model(chatglm3_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def glm4_model(glm4_dir, tmp_path_factory):
     """A random GLM-4-9B-layout (causal, GQA) model over the test-trained GLM-4 tokenizer, as an official directory."""
-    return _thudm_model(glm4_dir, tmp_path_factory.mktemp("glm4-model"), 1536)
+    from glmkit.text.glm4_tokenizer import GLM4Tokenizer
+
+    vocab = -(-len(GLM4Tokenizer.from_pretrained(glm4_dir)) // 64) * 64
+    return _thudm_model(glm4_dir, tmp_path_factory.mktemp("glm4-model"), vocab)

@@ -51,13 +51,22 @@ class Engine:
                              "this model reads its prompt bidirectionally, so its prompt tokens have none")
         budget = params.new_token_budget(len(prompt_ids), self.max_length)
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, budget,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=self._constraint(params))
         self.scheduler.add(request)
         return request
 
     def embed(self, sequences: list[list[int]]) -> list[list[float]]:
         """One batch of checked inputs' unit-length embeddings, run between steps (under --tp on every rank)."""
         return self.runner.embed(sequences)
+
+    def _constraint(self, params: SamplingParams):
+        """A Matcher of its own for a request with a grammar. Under --tp the other ranks' runners would need the
+        tokenizer's grammar tables too, which they do not have: refused."""
+        if params.grammar is None:
+            return None
+        if isinstance(self.runner, BroadcastRunner):
+            raise ValueError("structured output (a grammar) is not supported under tensor parallelism (--tp) yet")
+        return params.grammar.matcher(end_tokens(self.model, params))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -94,7 +103,7 @@ class Engine:
         for slot, request in plan.admitted:
             try:
                 token = self.runner.prefill(slot, request.prompt_ids, request.params, request.logprobs,
-                                            request.prompt_logprobs)
+                                            request.prompt_logprobs, request.constraint)
             except Exception:  # noqa: BLE001 (this request's own failure)
                 log.exception("prefill of request %s failed", request.request_id)
                 token = None
@@ -121,8 +130,8 @@ class Engine:
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         eos = end_tokens(self.model, request.params)
-        if token in eos:
-            return "stop"
+        if token in eos or (request.constraint is not None and request.constraint.finished):
+            return "stop"  # an end token, or a complete answer to a grammar (nothing else may follow)
         if len(request.output_ids) >= request.budget:
             return "length"
         return None

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from glmkit.generation.sampling import SamplingParams
+
+if TYPE_CHECKING:  # no torch here (the server's protocol imports this module)
+    from glmkit.generation.constraints import Matcher
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Request:
     finish_reason: str | None = None  # "stop" (end token), "length" (budget), "abort", "error" (its step failed)
     logprobs: int | None = None  # None: no log-probabilities; k: each new token's, with its k most likely rivals
     prompt_logprobs: bool = False  # also the prompt's tokens' (causal models only), on the first output
+    constraint: Matcher | None = None  # its walk through params.grammar: masks each token, ends it once complete
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ cache lacks out of the slot into it; when the request leaves its slot, the block
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from glmkit.generation.embed import embed_batch
 from glmkit.generation.generate import keeps_prefix, make_generator, prefill_inputs, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+
+if TYPE_CHECKING:
+    from glmkit.generation.constraints import Matcher
 
 log = logging.getLogger("glmkit.engine")
 
@@ -41,14 +45,16 @@ class ModelRunner:
         self.logprob_counts: list[int | None] = [None] * max_batch  # per slot: None, or top-k alternatives asked
         self.logprobs: list[TokenLogprob | None] = [None] * max_batch  # per slot: its latest token's, if asked
         self.prompt_logprobs: list[TokenLogprob | None] = []  # the latest prefill's, if asked
+        self.constraints: list[Matcher | None] = [None] * max_batch  # per slot: its request's grammar walk, if any
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None,
-                prompt_logprobs: bool = False) -> int:
+                prompt_logprobs: bool = False, constraint: Matcher | None = None) -> int:
         """Encode a prompt into `slot` and return its first new token. With `logprobs` (a count of alternatives),
         each token the slot samples leaves its TokenLogprob in `self.logprobs[slot]`; with prompt_logprobs the
         prompt's own (under the model's raw logits: nothing samples them) go to `self.prompt_logprobs`; such a prompt
-        is encoded whole (every position's logits), not continued from the prefix cache."""
+        is encoded whole (every position's logits), not continued from the prefix cache. With a `constraint` every
+        token the slot samples is one its grammar allows (and advances it)."""
         model = self.model
         keys = block_keys(prompt_ids, self.prefix_cache.block_size) if self.prefix_cache is not None else []
         self.cached_tokens = None
@@ -64,6 +70,7 @@ class ModelRunner:
         self.seen[slot, torch.tensor(prompt_ids, device=model.device)] = True
         self.generators[slot] = make_generator(params.seed, model.device)
         self.logprob_counts[slot] = logprobs
+        self.constraints[slot] = constraint
         if prompt_logprobs:
             table = out.logits[0, :-1].float().log_softmax(-1)
             self.prompt_logprobs = [None, *(token_logprob(table[i], token, logprobs or 0)
@@ -123,12 +130,17 @@ class ModelRunner:
             return None
 
     def _sample(self, slot: int, logits: torch.Tensor, params: SamplingParams) -> int:
-        scores = process_logits(logits[None], self.seen[slot:slot + 1], params)
+        constraint = self.constraints[slot]
+        bias = None if constraint is None else constraint.bias(logits.shape[-1])
+        scores = process_logits(logits[None], self.seen[slot:slot + 1], params, bias)
         token = int(sample(scores, params, self.generators[slot])[0])
         self.seen[slot, token] = True
+        if constraint is not None:
+            constraint.advance(token)
         k = self.logprob_counts[slot]
         # The log-softmax of the very scores `sample` used: under greedy the logits (after any repetition penalty),
-        # under sampling those divided by the temperature with top-k / top-p's cut tokens at -inf.
+        # under sampling those divided by the temperature with top-k / top-p's cut tokens at -inf; a grammar's
+        # forbidden tokens at -inf in both.
         self.logprobs[slot] = None if k is None else token_logprob(scores[0].log_softmax(-1), token, k)
         return token
 
@@ -142,7 +154,7 @@ class ModelRunner:
         self.model.move_kv_cache_row(src, dst)
         for tensor in (self.lengths, self.last_positions, self.steps, self.seen):
             tensor[dst] = tensor[src]
-        for per_slot in (self.generators, self.logprob_counts, self.logprobs):
+        for per_slot in (self.generators, self.logprob_counts, self.logprobs, self.constraints):
             per_slot[dst] = per_slot[src]
 
 

@@ -50,13 +50,20 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [B, V] (fp32) -> processed scores, in HF's order: penalty, invalid-score guard, warpers."""
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32) -> processed scores, in HF's order: penalty, invalid-score guard, warpers.
+
+    `bias` [B, V] or [V] (a grammar's: 0 for allowed tokens, -inf for the others) comes after the guard, which would
+    take its -inf for broken scores, and before the warpers, so temperature, top-k and top-p see only the allowed
+    tokens (and logprobs of these scores exclude the rest)."""
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.invalid_score_token_id is not None and not torch.isfinite(logits).all():
         logits = torch.zeros_like(logits)
         logits[..., params.invalid_score_token_id] = 5e4
+    if bias is not None:
+        logits = logits + bias.to(logits.device)
     if not params.do_sample:
         return logits
     logits = logits / params.temperature
@@ -222,6 +229,7 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
     for row, seq in enumerate(sequences):
         seen[row, torch.tensor(list(seq), device=device)] = True
     finished = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+    matchers = [params.grammar.matcher(eos_ids) for _ in sequences] if params.grammar is not None else None
     history: list[list[int]] = [[] for _ in sequences]
     reuse = reuse_cache and len(sequences) == 1 and keeps_prefix(model.position_layout)
     fed = list(sequences[0])  # reuse: the ids whose keys and values the cache holds
@@ -232,13 +240,16 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
         else:
             logits, state = prefill(model, sequences, total_slots)
         for step in range(budget):
-            scores = ban_tokens(process_logits(logits, seen, params), history, params, eos_ids)
+            bias = None if matchers is None else grammar_bias(matchers, finished, logits.shape[-1])
+            scores = ban_tokens(process_logits(logits, seen, params, bias), history, params, eos_ids)
             tokens = sample(scores, params, generator)
             tokens = tokens.masked_fill(finished, model.config.pad_token_id)
             for row, token in zip(history, tokens.tolist(), strict=True):
                 row.append(token)
             seen[torch.arange(len(sequences), device=device), tokens] |= ~finished
             yield tokens
+            if matchers is not None:
+                finished |= advance_grammars(matchers, tokens, finished)
             finished |= torch.isin(tokens, eos)
             if bool(finished.all()) or step == budget - 1:
                 return
@@ -252,6 +263,23 @@ def stream_tokens(model: GLM, sequences: Sequence[Sequence[int]], params: Sampli
             model.retain_kv_cache(fed)
         else:
             model.clear_kv_cache()
+
+
+def grammar_bias(matchers: Sequence, finished: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size]: each running row's grammar bias (Matcher.bias); a finished row's is 0, its token is a pad anyway."""
+    rows = [torch.zeros(size) if done else m.bias(size) for m, done in zip(matchers, finished.tolist(), strict=True)]
+    return torch.stack(rows)
+
+
+def advance_grammars(matchers: Sequence, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    """Advance each running row's matcher by its token; [B] True where the grammar is now complete (the answer
+    ends there, as at an end token)."""
+    done = []
+    for matcher, token, was_done in zip(matchers, tokens.tolist(), finished.tolist(), strict=True):
+        if not was_done:
+            matcher.advance(token)
+        done.append(not was_done and matcher.finished)
+    return torch.tensor(done, device=tokens.device)
 
 
 def end_tokens(model: GLM, params: SamplingParams) -> list[int]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the constraint layer imports torch; this module must not
+    from glmkit.generation.constraints import Grammar
 
 
 @dataclass
@@ -30,6 +34,9 @@ class SamplingParams:
     early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0  # 0 = off; n: the answer never contains the same n tokens twice
     min_new_tokens: int = 0  # end tokens are banned before this many new tokens
+    # Constrained decoding (glmkit.generation.constraints): only tokens that keep the answer inside this grammar are
+    # sampled, and the answer ends once it is complete. Each answer walks it with a Matcher of its own.
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if self.do_sample and self.temperature <= 0:
@@ -54,6 +61,8 @@ class SamplingParams:
             )
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.grammar is not None and self.num_beams > 1:
+            raise ValueError("a grammar constrains greedy decoding and sampling, not beam search: pass num_beams=1")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
 

@@ -11,13 +11,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from glmkit.engine.protocol import EngineClient
 from glmkit.engine.request import StepOutput, TokenLogprob
 from glmkit.engine.scheduler import QueueFull
+from glmkit.generation import constraints
 from glmkit.generation.sampling import SamplingParams
 from glmkit.serve.metrics import Metrics
 from glmkit.serve.protocol import (
@@ -48,6 +49,8 @@ class APIError(Exception):
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
+
+Clean = Callable[[str], str] | None  # what a reply's text goes through before it is shown (None: nothing)
 
 # Seconds a client refused by a full queue is asked to wait (Retry-After): about one short reply's time.
 RETRY_AFTER_S = 1
@@ -97,6 +100,7 @@ class Tools:
 
     schemas: list[dict] | None
     parse: bool  # whether the reply is read for calls
+    forced: bool = False  # tool_choice "required" or a named function: the reply is constrained to a call
 
 
 class Serving:
@@ -106,6 +110,7 @@ class Serving:
         self.chat_format = chat_format
         self.metrics = Metrics(engine)
         self.tools_supported = _renders_tools(chat_format, tokenizer)
+        self.end_ids = frozenset(chat_format.sampling_ids(tokenizer)["eos_token_ids"])  # what every request ends at
 
     # ----- shared steps
 
@@ -125,13 +130,36 @@ class Serving:
                            code="context_length_exceeded", param="max_tokens")
         return ids
 
-    def params(self, request: SamplingFields, choice: int = 0) -> SamplingParams:
+    def params(self, request: SamplingFields, choice: int = 0,
+               grammar: constraints.Grammar | None = None) -> SamplingParams:
         """Choice i of n samples with seed + i, so that a seeded request's n answers differ and repeat."""
         return SamplingParams(
             max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
             temperature=request.temperature or 1.0, top_p=request.top_p, seed=request.choice_seed(choice),
-            **self.chat_format.sampling_ids(self.tokenizer),
+            grammar=grammar, **self.chat_format.sampling_ids(self.tokenizer),
         )
+
+    async def grammar(self, request: ChatCompletionRequest | CompletionRequest, chat: bool,
+                      tools: Tools | None) -> constraints.Grammar | None:
+        """The grammar a request's replies are held to: a forced tool call (tool_choice "required" or a named
+        function) in the family's call syntax, else its response_format's JSON; None for plain text. Compiled off
+        the event loop (a 151K vocabulary's tables take seconds the first time, a schema up to ~0.2 s)."""
+        if tools is not None and tools.forced:
+            functions = [t["function"] for t in tools.schemas]
+            build, param = (lambda vocab: constraints.tool_call_grammar(vocab, functions,
+                                                                        self.chat_format.call_syntax)), "tools"
+        elif request.response_format is not None and request.response_format.type != "text":
+            schema = request.response_format.json_schema_or_none()
+            prefix = self.chat_format.answer_prefix if chat else ""
+            build, param = (lambda vocab: constraints.json_grammar(vocab, schema, prefix)), "response_format"
+        else:
+            return None
+        try:
+            return await asyncio.to_thread(lambda: build(constraints.vocabulary(self.tokenizer)))
+        except constraints.ConstraintError as e:
+            unsupported = isinstance(e, constraints.UnsupportedSchema | constraints.Unavailable)
+            code = "unsupported_parameter" if unsupported else "invalid_schema"
+            raise APIError(400, str(e), code=code, param=param) from e
 
     async def admit(self, ids: list[int], params: list[SamplingParams], logprobs: int | None = None,
                     prompt_logprobs: bool = False) -> list[AsyncIterator[StepOutput]]:
@@ -155,8 +183,9 @@ class Serving:
         return admitted
 
     async def stream(self, outputs: AsyncIterator[StepOutput], prompt_ids: list[int], stop: tuple[str, ...],
-                     clean: bool, tools: Tools | None = None) -> AsyncIterator[Piece]:
-        """Yield Pieces as text settles, then one with the whole completion.
+                     clean: Clean, tools: Tools | None = None) -> AsyncIterator[Piece]:
+        """Yield Pieces as text settles, then one with the whole completion; `clean` (None: raw text) is applied to
+        the text before it is shown.
 
         With tools read for calls, a reply whose first line is not empty (where ChatGLM3 and GLM-4 write a tool's
         name; a plain answer starts with a newline) is held back to its end, then parsed: a call comes back as
@@ -164,7 +193,7 @@ class Serving:
         new: list[int] = []
         finish = "length"
         # The clean-up may still change the last character (punctuation beside a CJK character).
-        text = TextStream(stop, self.chat_format.parse, hold_last=True) if clean else TextStream(stop)
+        text = TextStream(stop, clean, hold_last=True) if clean is not None else TextStream(stop)
         reading_calls = tools is not None and tools.parse
         held = reading_calls  # undecided: could still be a call
         decoded = shared = ""
@@ -185,9 +214,11 @@ class Serving:
                     yield Piece(prompt=prompt_info)
                 if output.finish_reason == "error":
                     raise APIError(500, "generation failed on the server; see its log", code="engine_error")
-                if output.finish_reason == "stop" or output.token_id is None:
-                    finish = "stop"
+                if output.token_id is None or (output.finish_reason == "stop" and output.token_id in self.end_ids):
+                    finish = "stop"  # an end token is not text
                     break
+                if output.finish_reason == "stop":
+                    finish = "stop"  # the token that completed a grammar: text, and the last one
                 new.append(output.token_id)
                 decoded = self.tokenizer.decode(new)
                 if output.logprob is not None:
@@ -242,14 +273,14 @@ class Serving:
         return infos
 
     async def complete(self, outputs: AsyncIterator[StepOutput], prompt_ids: list[int], stop: tuple[str, ...],
-                       clean: bool, tools: Tools | None = None) -> Completion:
+                       clean: Clean, tools: Tools | None = None) -> Completion:
         async for piece in self.stream(outputs, prompt_ids, stop, clean, tools):
             if piece.done is not None:
                 return piece.done
         raise AssertionError("the stream ended without a completion")
 
     async def complete_all(self, admitted: list[AsyncIterator[StepOutput]], prompt_ids: list[int],
-                           stop: tuple[str, ...], clean: bool, tools: Tools | None = None) -> list[Completion]:
+                           stop: tuple[str, ...], clean: Clean, tools: Tools | None = None) -> list[Completion]:
         """All choices to the end; if one fails, or the caller is cancelled (a client gone), the others are
         cancelled too, and each one's engine request is aborted."""
         tasks = [asyncio.ensure_future(self.complete(o, prompt_ids, stop, clean, tools)) for o in admitted]
@@ -268,7 +299,8 @@ class Serving:
 
     def tools_for(self, request: ChatCompletionRequest) -> Tools | None:
         """The tools to render and read calls with, by tool_choice: "none" renders none and reads none; a named
-        function renders only that tool; "auto" (the default with tools) and "required" render them all."""
+        function renders only that tool; "auto" (the default with tools) and "required" render them all. "required"
+        and a named function force a call (`grammar` constrains the reply to one)."""
         choice = request.tool_choice
         if not request.tools:
             if choice not in (None, "none", "auto"):
@@ -287,8 +319,8 @@ class Serving:
             if not named:
                 raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not one of the tools "
                                     f"({[t['function']['name'] for t in schemas]})", param="tool_choice")
-            return Tools(named, parse=True)
-        return Tools(schemas, parse=True)
+            return Tools(named, parse=True, forced=True)
+        return Tools(schemas, parse=True, forced=choice == "required")
 
     def chat_prompt(self, messages: list[Message], tools: Tools | None = None) -> list[int]:
         """The conversation as the model's chat format writes it, as ids (role tokens cannot come from text)."""
@@ -314,7 +346,10 @@ class Serving:
             raise APIError(400, f"{name} is not supported by this server; send the request without it",
                            code="unsupported_parameter", param=name)
         ids = self.fit(prompt, request.max_tokens)
-        params = [self.params(request, i) for i in range(request.n)]  # n choices: n requests, batched together
+        grammar = await self.grammar(request, chat, tools)
+        # n choices: n requests, batched together, each walking the grammar on its own
+        params = [self.params(request, i, grammar) for i in range(request.n)]
+        clean = self.clean(chat, json_reply=grammar is not None and not (tools and tools.forced))
         stop = request.stop_strings()
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         count = request.logprob_count()
@@ -323,14 +358,22 @@ class Serving:
         reply = Reply(self, rid, created, chat, count is not None, echo)
         if request.stream:
             usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self._sse(admitted, ids, stop, reply, tools, usage)
-        dones = await self.complete_all(admitted, ids, stop, clean=chat, tools=tools)
+            return self._sse(admitted, ids, stop, reply, tools, usage, clean)
+        dones = await self.complete_all(admitted, ids, stop, clean=clean, tools=tools)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model_name, "choices": [reply.choice(i, done) for i, done in enumerate(dones)],
                 "usage": _usage(dones)}
 
+    def clean(self, chat: bool, json_reply: bool) -> Clean:
+        """How a reply's text is shown: chat answers get the format's clean-up (as model.chat does), except JSON
+        replies, which are only stripped (the clean-up rewrites punctuation and would touch strings); completions
+        are raw text."""
+        if not chat:
+            return None
+        return str.strip if json_reply else self.chat_format.parse
+
     async def _sse(self, admitted: list[AsyncIterator[StepOutput]], prompt_ids: list[int], stop, reply: Reply,
-                   tools: Tools | None, include_usage: bool) -> AsyncIterator[str]:
+                   tools: Tools | None, include_usage: bool, clean: Clean) -> AsyncIterator[str]:
         """The event stream of admitted requests. It ends with [DONE] (after a chunk with `usage` and no choices
         when include_usage); a failure after it started ends it with one event carrying OpenAI's error body
         instead (the openai client raises it)."""
@@ -339,7 +382,7 @@ class Serving:
                 for i in range(len(admitted)):
                     yield reply.event(reply.chunk(i, {"role": "assistant", "content": ""}), include_usage)
             dones: dict[int, Completion] = {}
-            streams = [self.stream(o, prompt_ids, stop, reply.chat, tools) for o in admitted]
+            streams = [self.stream(o, prompt_ids, stop, clean, tools) for o in admitted]
             echoed: set[int] = set()
             async for i, piece in _merge(streams):
                 for chunk in reply.pieces(i, piece, echo_prompt=i not in echoed):
@@ -379,7 +422,7 @@ class Serving:
                                 temperature=request.temperature or 1.0, top_p=request.top_p, top_k=50,
                                 **self.chat_format.sampling_ids(self.tokenizer))
         admitted = await self.admit(ids, [params])
-        (done,) = await self.complete_all(admitted, ids, (), clean=True)
+        (done,) = await self.complete_all(admitted, ids, (), clean=self.chat_format.parse)
         history = [*[list(turn) for turn in request.history], [request.prompt, done.text]]
         return {"response": done.text, "history": history, "status": 200,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -155,6 +155,34 @@ class NamedToolChoice(Checked):
     function: ChosenFunction
 
 
+class JSONSchemaFormat(Checked):
+    """response_format's json_schema: the reply is JSON valid against `schema` (enforced whatever `strict` says)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Checked):
+    """text (the default), json_object (any JSON object) or json_schema; both JSON kinds are enforced by
+    constrained decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type 'json_schema' (and only with it): "
+                             '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+        return self
+
+    def json_schema_or_none(self) -> dict[str, Any] | None:
+        """The schema to enforce (None: any JSON object); only for the JSON kinds."""
+        return self.json_schema.schema_ if self.json_schema is not None else None
+
+
 class StreamOptions(Checked):
     include_usage: bool = False
 
@@ -192,6 +220,7 @@ class SamplingFields(SamplingChecks):
     user: str | None = None
     n: int = Field(1, ge=1, le=16)
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     # Accepted only at their no-op values: a request that needs them is refused (`unsupported`), not
     # silently answered without them.
     best_of: int | None = None

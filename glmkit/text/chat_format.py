@@ -40,6 +40,11 @@ class ChatFormat(Protocol):
     name: str
     # Role messages (ChatGLM3, GLM-4): `role=` in chat, dict history, the official process_response(output, history).
     has_roles: ClassVar[bool]
+    # How a reply is laid out, for grammars that constrain one (glmkit.generation.constraints): what a plain answer
+    # starts with ("\n" after ChatGLM3's and GLM-4's empty metadata line), and how a tool call is written:
+    # None (no tools), "json" (GLM-4: `name\n{json}`), "python" (ChatGLM3: `name\n```python\ntool_call(k=v)\n````).
+    answer_prefix: str
+    call_syntax: str | None
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         """The prompt for answering `query` after `history`."""
@@ -101,6 +106,8 @@ class RoundsFormat:
 
     name: str
     has_roles: ClassVar[bool] = False
+    answer_prefix: ClassVar[str] = ""
+    call_syntax: ClassVar[str | None] = None
 
     def prompt(self, query: str, history: History = (), system: str = "") -> str:
         raise NotImplementedError

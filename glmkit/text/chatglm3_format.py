@@ -64,6 +64,8 @@ def _clean(text: str) -> str:
 class ChatGLM3Format:
     name: str = "chatglm3"
     has_roles: ClassVar[bool] = True
+    answer_prefix: ClassVar[str] = "\n"  # the empty metadata line of a plain answer
+    call_syntax: ClassVar[str | None] = "python"  # name\n```python\ntool_call(k=v, ...)\n```
 
     # ----- the conversation as ChatGLM3 messages
 

@@ -27,7 +27,7 @@ from glmkit.text.batching import causal_batch, read_json, single_or_batch, write
 from glmkit.text.chat_format import CHATGLM2, ChatFormat
 from glmkit.text.chatglm3_format import CHATGLM3
 from glmkit.text.replies import ParsesReplies
-from glmkit.text.tokenizer import BatchEncoding, _id_list, _pair_up
+from glmkit.text.tokenizer import BatchEncoding, _id_list, _pair_up, sentencepiece_bytes
 
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -143,6 +143,11 @@ class ChatGLM2Tokenizer(ParsesReplies):
         if isinstance(tokens, str):
             return self.special_tokens.get(tokens, self.sp.piece_to_id(tokens))
         return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes in decoded text, for grammars that constrain decoding; None for the specials and the
+        control pieces (never text a grammar can match)."""
+        return [*(sentencepiece_bytes(self.sp, i) for i in range(self.num_pieces)), *[None] * len(self.SPECIALS)]
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         if isinstance(ids, int):

@@ -9,6 +9,7 @@ itself.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,16 @@ from glmkit.text.tokenizer import _id_list
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's table: printable Latin-1
+    bytes stand for themselves, the other 68 bytes map to U+0100 onwards in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
 
 
 class GLMFastTokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, ParsesReplies):
@@ -84,6 +95,12 @@ class GLMFastTokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, Parses
         return self.tokenizer.get_vocab_size(with_added_tokens=False)
 
     def __len__(self) -> int:
+        return self._size
+
+    @functools.cached_property
+    def _size(self) -> int:
+        # Asked once: the tokenizers library builds the whole vocabulary to count the added tokens (~70 ms at
+        # GLM-4's 151K), and decode checks every id against it.
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -98,6 +115,18 @@ class GLMFastTokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, Parses
         if isinstance(tokens, str):
             return self.tokenizer.token_to_id(tokens)
         return [self.tokenizer.token_to_id(t) for t in tokens]
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes, for grammars that constrain decoding: the model's tokens are byte-level BPE (GLM-4's
+        ranks, converted), each character standing for one byte; None for the added tokens (the specials)."""
+        table = byte_level_alphabet()
+        out: list[bytes | None] = [None] * len(self)
+        for token, index in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if any(c not in table for c in token):
+                raise ValueError(f"{self.tokenizer_file}: token {token!r} is not byte-level BPE, so its bytes are "
+                                 "unknown (grammar-constrained decoding needs them)")
+            out[index] = bytes(table[c] for c in token)
+        return out
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | None | list[str | None]:
         if isinstance(ids, int):

@@ -75,6 +75,8 @@ class GLM4Format:
     name: str = "glm4"
     has_roles: ClassVar[bool] = True
     template: str = GLM4_CHAT_TEMPLATE
+    answer_prefix: ClassVar[str] = "\n"  # the empty metadata line of a plain answer
+    call_syntax: ClassVar[str | None] = "json"  # name\n{json arguments}
 
     def messages(self, messages: Sequence[Message], tools: Sequence[ToolSchema] | None = None) -> list[dict[str, Any]]:
         """GLM-4's messages: with `tools`, the tools ride on the first system message (the template writes the

@@ -168,6 +168,10 @@ class GLM4Tokenizer(GLM4PromptIds, CausalBatchCall, ChatTemplateMixin, ParsesRep
             return self.ranks[raw]
         return [self.convert_tokens_to_ids(t) for t in tokens]
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes (its BPE rank's), for grammars that constrain decoding; None for the specials."""
+        return [self.id_to_bytes.get(i) for i in range(len(self))]
+
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | bytes | list[str | bytes]:
         """Specials as their names, BPE tokens as their bytes (as the official slow tokenizer)."""
         if isinstance(ids, int):

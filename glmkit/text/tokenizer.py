@@ -243,6 +243,21 @@ class ChatGLMTokenizer(ParsesReplies):
             return f"<image_{index}>"
         return self.sp.id_to_piece(index - self.num_image_tokens)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes in decoded text, for grammars that constrain decoding (None: never text: image tokens,
+        control pieces, `<unk>`). `<n>`, `<|tab|>` and `<|blank_N|>` are the whitespace they decode to. Every other
+        piece holding "<" is None: decode rewrites those names wherever they appear in the text, so "<" then "n>"
+        would come out as a newline, not the bytes a grammar allowed (JSON still writes "<" as \\u003c)."""
+        out: list[bytes | None] = [None] * self.num_image_tokens
+        for index in range(self.sp.get_piece_size()):
+            piece = self.sp.id_to_piece(index)
+            if _WHITESPACE_PIECE.fullmatch(piece):
+                out.append(postprocess(piece, self.max_blank_length).encode("utf-8"))
+                continue
+            raw = sentencepiece_bytes(self.sp, index)
+            out.append(None if raw is None or b"<" in raw else raw)
+        return out
+
     # ----- encoding and decoding
 
     def tokenize(self, text: str) -> list[str]:
@@ -324,6 +339,17 @@ class ChatGLMTokenizer(ParsesReplies):
 
 
 # ----- helpers for the tokenizer
+
+
+def sentencepiece_bytes(sp: spm.SentencePieceProcessor, index: int) -> bytes | None:
+    """The bytes piece `index` adds to decoded text: a byte-fallback piece its byte, "▁" a space, None for a
+    control, unknown or unused piece (they decode to nothing)."""
+    if sp.is_control(index) or sp.is_unknown(index) or sp.is_unused(index):
+        return None
+    piece = sp.id_to_piece(index)
+    if sp.is_byte(index):
+        return bytes([int(piece[3:5], 16)])  # "<0x7B>"
+    return piece.replace(SPACE_PIECE, " ").encode("utf-8")
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:

@@ -51,12 +51,14 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, timeout=120))
 
 
-async def tokens_of(engine: AsyncEngine, ids, params, name) -> list[int]:
-    return [out.token_id async for out in engine.generate(ids, params, name)]
+async def rest_of(stream) -> list[int]:
+    return [out.token_id async for out in stream]
 
 
 def test_embeddings_between_steps_equal_the_python_api_and_leave_decoding_alone(model):
-    params = SamplingParams(max_new_tokens=40)
+    # 300 tokens each (the end token is banned before): after both streams' first token, far more steps remain
+    # than there are embedding batches, however fast or loaded the machine is.
+    params = SamplingParams(max_new_tokens=300, min_new_tokens=300)
     prompts = [prompt(7, 8, 9), prompt(*range(20, 31))]
     alone = [[int(t[0]) for t in stream_tokens(model, [ids], params)] for ids in prompts]
     want = embed(model, INPUTS)
@@ -64,10 +66,11 @@ def test_embeddings_between_steps_equal_the_python_api_and_leave_decoding_alone(
     client = AsyncEngine(engine, embed_batch_tokens=40)  # one or two inputs per batch: several batches
 
     async def together():
-        decoding = [asyncio.ensure_future(tokens_of(client, ids, params, f"r{i}")) for i, ids in enumerate(prompts)]
-        await asyncio.sleep(0.05)  # both are decoding before the embeddings arrive
+        streams = [client.generate(ids, params, f"r{i}") for i, ids in enumerate(prompts)]
+        firsts = [(await anext(stream)).token_id for stream in streams]  # both are decoding now
         vectors = await client.embed(INPUTS)
-        return vectors, await asyncio.gather(*decoding)
+        rests = await asyncio.gather(*(rest_of(stream) for stream in streams))
+        return vectors, [[first, *rest] for first, rest in zip(firsts, rests, strict=True)]
 
     vectors, tokens = run(together())
     assert tokens == alone

@@ -201,7 +201,8 @@ def test_a_named_tool_choice_renders_only_that_tool(scripted):
     assert server.engine.prompts[-1] == server.rendered(QUESTION, [WEATHER])
     assert reply.choices[0].finish_reason == "tool_calls"
     assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
-    # a call of another tool than the named one is not that call: text, finish_reason stop (nothing forces it yet)
+    # a call of another tool than the named one is not that call: text, finish_reason stop (this scripted engine
+    # applies no grammar; tests/serve/test_forced_tools.py has the real engine force it)
     other = server.client.chat.completions.create(model="scripted", messages=QUESTION, tools=[TIME, WEATHER],
                                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert server.engine.prompts[-1] == server.rendered(QUESTION, [TIME])
