@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glmkit.perf.speed import machine  # noqa: E402
+from glmkit.perf.speed import machine, read_bandwidth_gb_per_s  # noqa: E402
 from glmkit.quant import kernels  # noqa: E402
 from glmkit.quant.quantize import QuantizedLinear  # noqa: E402
 
@@ -91,12 +91,6 @@ def measure(name: str, bits: int, rows: int, repeats: int, working_set_gib: floa
     best = min(result[f"native_{isa}_ms"] for isa in kernels.cpu_isas())
     result["native_speedup_over_pytorch"] = round(result["pytorch_bf16_ms"] / best, 2)
     return result
-
-
-def read_bandwidth_gb_per_s(repeats: int = 5) -> float:
-    """What the machine can stream from memory: the ceiling for decoding, which reads every weight."""
-    data = torch.ones(2**28)  # 1 GiB
-    return round(max(data.numel() * 4 / median_ms(data.sum, 1) / 1e6 for _ in range(repeats)), 1)
 
 
 def main() -> None:

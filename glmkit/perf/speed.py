@@ -159,6 +159,28 @@ def kv_cache_bytes_per_token(model: GLMForCausalLM, length: int = 16) -> int:
     return total // length
 
 
+def decode_weight_bytes(model: GLMForCausalLM) -> int:
+    """Bytes of weights one decoded token reads, as stored: every tensor but the input embedding table, of which a
+    token reads one row (a tied table is read whole, as the output layer). Over the machine's read bandwidth, this
+    bounds decoding speed whatever the kernel."""
+    skip = () if model.config.tie_word_embeddings else ("transformer.word_embeddings.",)
+    tensors = {t.data_ptr(): t for name, t in model.state_dict(keep_vars=True).items() if not name.startswith(skip)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def read_bandwidth_gb_per_s(repeats: int = 5) -> float:
+    """What the machine streams from memory with torch's threads (GB/s, the best of `repeats` sums of 1 GiB):
+    the ceiling for decoding, which reads every weight once per token."""
+    data = torch.ones(2**28)  # 1 GiB of fp32
+    data.sum()  # warm-up: pages touched, threads started
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(data.numel() * data.element_size() / best / 1e9, 1)
+
+
 def random_prompt(config: GLMConfig, length: int) -> list[int]:
     """`length` random ids with the family's [gMASK] sop: at the end (ChatGLM-6B), in front (the causal families;
     left out where a tiny vocabulary has no such ids)."""
@@ -197,6 +219,7 @@ def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: i
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
     }
     result["kv_cache_values_per_token"] = result["kv_cache_bytes_per_token"] // model.dtype.itemsize
+    result["decode_weight_bytes"] = decode_weight_bytes(model)  # before the first call: the stored layout
     time_prefill(model, 8, 1)  # warm-up: kernels pack their weights on first use
     result["prefill_tokens_per_s"] = {str(n): round(time_prefill(model, n, repeats), 2) for n in prompt_lens}
     steps = time_decode(model, new_tokens)

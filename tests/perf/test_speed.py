@@ -70,3 +70,18 @@ def test_bench_runs_the_new_architecture_at_tiny_size(capsys):
     assert main(["bench", "--shape", "tiny-gqa", "--bits", "8", "--quantize-embeddings", "--prompt-len", "8",
                  "--new-tokens", "2", "--repeats", "1"]) == 0
     assert "KV cache 2048 B/token" in capsys.readouterr().out  # fp32 activations: 4 bytes a value
+
+
+def test_decode_weight_bytes_counts_what_a_token_reads():
+    from glmkit.perf.speed import decode_weight_bytes
+
+    # tiny-gqa: hidden 256, 2 layers, 4 heads of 64 and 2 KV heads, SwiGLU 512, vocab 4096, untied output
+    model = random_model(SHAPES["tiny-gqa"](), torch.bfloat16, bits=4, embeddings=4)
+
+    def int4(out_features, in_features):  # two values a byte, a bf16 scale per 128 columns
+        return out_features * in_features // 2 + out_features * (in_features // 128) * 2
+
+    block = (int4(512, 256) + 512 * 2  # query_key_value and its bias
+             + int4(256, 256) + int4(1024, 256) + int4(256, 512) + 2 * 256 * 2)  # dense, MLP, two norms
+    # the embedding table is left out (a token reads one row), the INT4 output layer is read whole
+    assert decode_weight_bytes(model) == 2 * block + 256 * 2 + int4(4096, 256)
