@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from glmkit.checkpoints.hf import describe
 from glmkit.cli.common import add_embedding_args, add_kernels_arg, add_model_args, embedding_bits_from, load_from_args
+from glmkit.engine.scheduler import DEFAULT_STEP_TOKENS
 from glmkit.models.config import GLMConfig
 from glmkit.pretrained import GLMForCausalLM
 from glmkit.quant.quantize import embedding_group
@@ -202,16 +204,59 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="prefill repeats (median reported)")
     parser.add_argument("--load", action="store_true", help="also time loading it back from a safetensors checkpoint")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    engine = parser.add_argument_group("the engine (continuous batching, no HTTP): instead of the single-stream run")
+    engine.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="N",
+                        help="N requests of --prompt-len's first value at once, --new-tokens each: aggregate decode "
+                             "tokens/s, p50/p95 inter-token latency, time to first token, peak RSS (e.g. 1 2 4 8 16)")
+    engine.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
+                        help="also: a prompt of TOKENS arrives while the --concurrency streams decode; their "
+                             "inter-token latency meanwhile, with the prompt in one piece and in --step-tokens chunks")
+    engine.add_argument("--step-tokens", type=int, default=DEFAULT_STEP_TOKENS,
+                        help="the engine's tokens per step (default: %(default)s)")
+    engine.add_argument("--kv-cache-mb", type=float, default=None,
+                        help="the engine's KV-cache pool (default: room for every request's whole length)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """One configuration per process, so that the peak memory reported is its own."""
     from glmkit.perf.speed import report, run
 
+    if args.concurrency:
+        return bench_engine(args)
     result = run(args.shape, args.bits or 0, args.dtype, args.prompt_len, args.new_tokens,
                  measure_load=args.load, repeats=args.repeats,
                  embeddings=embedding_bits_from(args, "quantize_embeddings"), kernel_choice=args.kernels)
     print(report([result], args.json))
+    return 0
+
+
+def bench_engine(args: argparse.Namespace) -> int:
+    """`glmkit bench --concurrency`: the engine's throughput and latencies on the random model, as JSON, with the
+    machine's read bandwidth and the batch-1 bound it sets."""
+    import torch
+
+    from glmkit.engine import throughput
+    from glmkit.perf import speed
+
+    model = speed.build(args.shape, args.bits or 0, args.dtype, embedding_bits_from(args, "quantize_embeddings"),
+                        args.kernels)
+    bandwidth, weights = speed.read_bandwidth_gb_per_s(), speed.decode_weight_bytes(model)
+    options = {"step_tokens": args.step_tokens, "kv_cache_mb": args.kv_cache_mb}
+    throughput.concurrency(model, 1, 8, 2, **options)  # warm-up: kernels pack their weights on first use
+    result = {"shape": args.shape, "bits": args.bits, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "read_bandwidth_gb_per_s": bandwidth, "decode_weight_bytes": weights,
+              "batch1_bound_tokens_per_s": round(bandwidth * 1e9 / weights, 2),
+              "concurrency": [throughput.concurrency(model, n, args.prompt_len[0], args.new_tokens, **options)
+                              for n in args.concurrency]}
+    if args.long_prompt:
+        streams = args.concurrency[-1]
+        result["long_prompt"] = [
+            throughput.long_prompt(model, streams, args.long_prompt, args.new_tokens,
+                                   **{**options, "step_tokens": step})
+            for step in (args.long_prompt + streams, args.step_tokens)]  # in one piece, then in chunks
+    result["peak_rss_gib"] = round(speed.peak_rss_gib(), 3)
+    result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)  # other jobs on the machine skew every number
+    print(json.dumps({"machine": speed.machine(), "results": [result]}, indent=2))
     return 0
 
 

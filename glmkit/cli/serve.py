@@ -9,6 +9,7 @@ import sys
 
 from glmkit.cli.common import USER_ERROR_EXIT, add_model_args, load_from_args
 from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+from glmkit.engine.scheduler import DEFAULT_STEP_TOKENS
 from glmkit.parallel import tp as tp_lib
 
 
@@ -24,6 +25,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-mb", type=megabytes, default=DEFAULT_PREFIX_CACHE_MB,
                         help="MiB of prompt keys and values kept for later prompts that start the same way "
                              "(causal models; 0: off; default: %(default)s)")
+    parser.add_argument("--kv-cache-mb", type=megabytes, default=None,
+                        help="MiB for the pool of KV-cache blocks the running requests share; a request that cannot "
+                             "get blocks waits, and a causal model's may be preempted and recomputed (default: room "
+                             "for --max-batch requests of the model's whole context)")
+    parser.add_argument("--kv-dtype", choices=["bfloat16", "float16", "float32", "int8"], default=None,
+                        help="the KV cache's dtype: bfloat16 halves an fp32 model's cache, int8 (a scale per token "
+                             "and head) halves a bf16 one, each at a measured cost in exactness (docs/serving.md; "
+                             "default: the model's --dtype)")
+    parser.add_argument("--step-tokens", type=positive_int, default=DEFAULT_STEP_TOKENS,
+                        help="tokens one engine step may encode: the running requests' next tokens plus a chunk of "
+                             "a new prompt, so a long prompt does not stall the others (default: %(default)s)")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow this browser origin to call the API; repeat for more (default: none)")
     parser.add_argument("--allowed-host", action="append", default=None,
@@ -35,13 +47,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def megabytes(text: str) -> float:
-    """--prefix-cache-mb's value: a finite number of MiB, 0 or more."""
+    """--prefix-cache-mb's and --kv-cache-mb's value: a finite number of MiB, 0 or more."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in MiB: give a number >= 0 (0 turns it off)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
 
 
@@ -54,7 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_from_args(args)
     if tp_lib.rank() != 0:  # rank 0 serves and schedules; the others run its model steps
-        follow(model, args.max_batch, prefix_cache_mb=args.prefix_cache_mb)
+        follow(model, args.max_batch, prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+               kv_dtype=args.kv_dtype)
         return 0
     sock = bind(args.host, args.port)
     if sock is None:
@@ -62,10 +85,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stop_followers()
         return USER_ERROR_EXIT
     name = args.served_model_name or model_name_for(args.model)
-    app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_queue=args.max_queue, cors_origins=args.cors_origin, metrics_public=args.metrics_public,
-                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
-                     prefix_cache_mb=args.prefix_cache_mb)
+    try:
+        app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
+                         max_queue=args.max_queue, cors_origins=args.cors_origin, metrics_public=args.metrics_public,
+                         allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
+                         prefix_cache_mb=args.prefix_cache_mb, kv_cache_mb=args.kv_cache_mb,
+                         step_tokens=args.step_tokens, kv_dtype=args.kv_dtype)
+    except ValueError as e:  # a KV-cache size that holds no block
+        print(f"glmkit serve: {e}", file=sys.stderr)
+        if args.tp > 1:
+            stop_followers()
+        return USER_ERROR_EXIT
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     # The socket is listening already, so a client that connects from now on is answered.
     print(f"glmkit: serving {name!r} on http://{_url_host(args.host)}:{sock.getsockname()[1]} "

@@ -1,9 +1,10 @@
 """The generation engine under the server: requests join and leave the running batch at every step.
 
-    Engine.step():  scheduler.schedule()  ->  runner.prefill / runner.decode  ->  scheduler.finish()
+    Engine.step():  scheduler.schedule()  ->  runner.step (one forward pass)  ->  scheduler.encoded / finish()
 
-The scheduler is plain Python (no torch), so its policy is tested without a model; the runner owns
-the model and its KV cache; the engine ties them together and knows when a request is done. The names
+The scheduler is plain Python (no torch), so its policy is tested without a model: who runs, which KV-cache
+blocks each request holds (blocks.py, prefix_cache.py), what to preempt. The runner owns the model and the
+paged KV cache (glmkit.models.paged); the engine ties them together and knows when a request is done. The names
 below are imported on first use, so `glmkit.engine.scheduler` (and the server's protocol) need no torch.
 """
 

@@ -170,10 +170,7 @@ class AsyncEngine:
         """An unexpected failure outside any one request's step: the running batch ends with an error; the
         waiting requests, which took no part in it, stay queued."""
         log.exception("engine step failed: %s", error)
-        scheduler = self.engine.scheduler
-        requests = list(scheduler.running)
-        scheduler.running.clear()
-        return [StepOutput(r.request_id, None, "error") for r in requests]
+        return self.engine.fail_running()
 
     def _handle(self, command: _Submit | _Abort | _Embed) -> None:
         if isinstance(command, _Embed):

@@ -1,4 +1,8 @@
-"""The engine loop: schedule -> run the model -> update requests, one token per running request a step."""
+"""The engine loop: schedule -> one forward pass -> update requests; a token per decoding request a step.
+
+The KV cache is paged (glmkit.models.paged, glmkit.engine.blocks): a pool of `BLOCK_SIZE`-token blocks sized by
+kv_cache_mb, from which the scheduler gives each request the blocks it needs as it grows.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import itertools
 import logging
 from collections.abc import Iterator
 
+import torch
+
+from glmkit.engine.blocks import BlockAllocator
 from glmkit.engine.parallel import BroadcastRunner
-from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+from glmkit.engine.prefix_cache import BLOCK_SIZE, DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from glmkit.engine.request import Request, StepOutput, TokenLogprob
-from glmkit.engine.runner import ModelRunner
-from glmkit.engine.scheduler import Scheduler
-from glmkit.generation.generate import end_tokens
+from glmkit.engine.runner import DecodeRow, ModelRunner, PromptChunk, pool_size
+from glmkit.engine.scheduler import DEFAULT_STEP_TOKENS, Schedule, Scheduler
+from glmkit.generation.generate import end_tokens, keeps_prefix
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
@@ -22,18 +29,36 @@ MAX_LOGPROBS = 20  # the most alternatives a token's logprobs may list (OpenAI's
 class Engine:
     """Continuous batching over one model: `add_request`, then call `step` until `has_work` is False.
 
-    prefix_cache_mb: room for the keys and values of earlier prompts' blocks, which a causal model's later prompts
-    that start the same way copy instead of computing (glmkit.engine.prefix_cache); 0 turns it off."""
+    kv_cache_mb: the pool of KV-cache blocks that running requests take from (default: room for max_batch requests
+    of max_length tokens; the memory is backed as blocks are first used); a request that cannot get blocks waits,
+    and a causal model's running request may be preempted and recomputed. prefix_cache_mb: how many of the pool's
+    blocks, on top, may stay behind for later prompts that start the same way (glmkit.engine.prefix_cache); 0 turns
+    it off. step_tokens: the tokens one step may encode (the decode tokens and one prompt chunk), so a long prompt
+    is encoded in chunks between the running requests' tokens. kv_dtype: the cache's dtype (default: the model's).
+    """
 
     def __init__(self, model: GLM, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, kv_cache_mb: float | None = None,
+                 step_tokens: int = DEFAULT_STEP_TOKENS, kv_dtype: torch.dtype | str | None = None) -> None:
         self.model = model
+        kv_dtype = getattr(torch, kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
         self.max_length = max_length or model.config.max_sequence_length
-        self.scheduler = Scheduler(max_batch, max_queue)
+        num_blocks, prefix_blocks = pool_size(model, max_batch, self.max_length, prefix_cache_mb, kv_cache_mb,
+                                              kv_dtype)
+        blocks = BlockAllocator(num_blocks, BLOCK_SIZE)
+        prefix_cache = None
+        if prefix_blocks:
+            prefix_cache = PrefixCache(prefix_blocks, BLOCK_SIZE, release=lambda block: blocks.release([block]))
+        self.scheduler = Scheduler(max_batch, max_queue, blocks, prefix_cache, step_tokens,
+                                   chunked=keeps_prefix(model.position_layout))
         # Under tensor parallelism (rank 0 only builds an Engine), every model call reaches all ranks.
         runner = BroadcastRunner if getattr(model, "tp_world", 1) > 1 else ModelRunner
-        self.runner = runner(model, max_batch, self.max_length, prefix_cache_mb)
+        self.runner = runner(model, max_batch, num_blocks, BLOCK_SIZE, kv_dtype)
         self._ids = itertools.count()
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.scheduler.prefix_cache
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
@@ -79,54 +104,75 @@ class Engine:
         request.finish_reason = "abort"
         if request in self.scheduler.running:
             self._release(request)
+        else:
+            self.runner.forget(request_id)
         return StepOutput(request_id, None, "abort")
 
+    def fail_running(self) -> list[StepOutput]:
+        """End every running request with an error (a step failed outside any one request), freeing its blocks;
+        the waiting ones stay queued."""
+        requests = list(self.scheduler.running)
+        for request in requests:
+            request.finish_reason = "error"
+            self._release(request)
+        return [StepOutput(r.request_id, None, "error") for r in requests]
+
     def step(self) -> list[StepOutput]:
-        """One token for every running request. A request whose step fails (its prefill, its sampling) ends
-        with finish_reason "error" and leaves the batch; the others go on. Only a failed forward pass of the
-        decoding batch, which every decoding request shares, fails all of them."""
+        """One forward pass: a token for every decoding request, and one prompt chunk (the first token of its
+        request once its prompt is complete). A request whose sampling fails ends with finish_reason "error" and
+        leaves the batch; the others go on. Only a failed forward pass, which every request in it shares, fails
+        all of them."""
         plan = self.scheduler.schedule()
-        produced: list[tuple[Request, int | None]] = []
-        logprobs: dict[str, TokenLogprob | None] = {}
-        prompt_logprobs: dict[str, list] = {}
-        cached: dict[str, int | None] = {}  # admitted requests' prompt tokens from the prefix cache
-        if plan.decoding:
-            try:
-                tokens = self.runner.decode([r.output_ids[-1] for r in plan.decoding],
-                                            [r.params for r in plan.decoding])
-            except Exception:  # noqa: BLE001 (the shared forward pass failed: these requests cannot go on)
-                log.exception("decoding step of %d requests failed", len(plan.decoding))
-                tokens = [None] * len(plan.decoding)
-            produced += zip(plan.decoding, tokens, strict=True)
-            for row, request in enumerate(plan.decoding):
-                logprobs[request.request_id] = self.runner.logprobs[row]
-        for slot, request in plan.admitted:
-            try:
-                token = self.runner.prefill(slot, request.prompt_ids, request.params, request.logprobs,
-                                            request.prompt_logprobs, request.constraint)
-            except Exception:  # noqa: BLE001 (this request's own failure)
-                log.exception("prefill of request %s failed", request.request_id)
-                token = None
-            else:
-                logprobs[request.request_id] = self.runner.logprobs[slot]
-                cached[request.request_id] = self.runner.cached_tokens
-                if request.prompt_logprobs:
-                    prompt_logprobs[request.request_id] = self.runner.prompt_logprobs
-            produced.append((request, token))
-        outputs = []
-        for request, token in produced:
-            if token is None:
-                request.finish_reason = "error"
-            else:
-                request.output_ids.append(token)
-                request.finish_reason = self._finish_reason(request, token)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason,
-                                      logprobs.get(request.request_id) if token is not None else None,
-                                      prompt_logprobs.get(request.request_id), cached.get(request.request_id)))
-        for request, _ in produced:
+        self._start(plan)
+        rows = [DecodeRow(slot, r.output_ids[-1], r.computed, r.blocks, r.params) for slot, r in plan.decoding]
+        chunk = plan.chunk
+        work = None if chunk is None else PromptChunk(
+            chunk.slot, chunk.request.prefill_ids, chunk.start, chunk.stop, chunk.request.blocks,
+            chunk.request.params, sample=chunk.completes and not chunk.request.output_ids,
+            prompt_logprobs=chunk.request.prompt_logprobs)
+        try:
+            tokens, first = self.runner.step(rows, work)
+            failed = False
+        except Exception:  # noqa: BLE001 (the shared forward pass failed: these requests cannot go on)
+            log.exception("model step of %d requests failed", len(rows) + (chunk is not None))
+            tokens, first, failed = [None] * len(rows), None, True
+        produced: list[tuple[Request, int | None, TokenLogprob | None]] = []
+        for (slot, request), token in zip(plan.decoding, tokens, strict=True):
+            request.computed += 1
+            produced.append((request, token, self.runner.logprobs[slot]))
+        if chunk is not None:
+            if not failed:
+                self.scheduler.encoded(chunk)
+            if work.sample or failed:  # its first token, or its end with an error
+                produced.append((chunk.request, first, self.runner.logprobs[chunk.slot]))
+        outputs = [self._output(request, token, logprob) for request, token, logprob in produced]
+        for request, _, _ in produced:
             if request.finished:
                 self._release(request)
         return outputs
+
+    def _start(self, plan: Schedule) -> None:
+        """The runner's side of the plan before the forward pass: preempted requests' state kept, admitted ones'
+        set up, new blocks zeroed (or copied from a cached block that a prompt ends in)."""
+        for slot, request in plan.preempted:
+            self.runner.suspend(slot, request.request_id)
+        for slot, request in plan.admitted:
+            self.runner.admit(slot, request.request_id, request.prompt_ids, request.output_ids, request.params,
+                              request.logprobs, request.constraint)
+        self.runner.zero_blocks(plan.fresh_blocks)
+        self.runner.copy_blocks(plan.copies)
+
+    def _output(self, request: Request, token: int | None, logprob: TokenLogprob | None) -> StepOutput:
+        first = not request.output_ids
+        if token is None:
+            request.finish_reason = "error"
+        else:
+            request.output_ids.append(token)
+            request.finish_reason = self._finish_reason(request, token)
+        slot = self.scheduler.running.index(request)
+        prompt_logprobs = self.runner.prompt_logprobs[slot] if first and request.prompt_logprobs else None
+        return StepOutput(request.request_id, token, request.finish_reason, logprob if token is not None else None,
+                          prompt_logprobs, request.cached_tokens if first else None)
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         eos = end_tokens(self.model, request.params)
@@ -137,10 +183,9 @@ class Engine:
         return None
 
     def _release(self, request: Request) -> None:
-        """Free the request's slot; what its cache holds goes to the prefix cache first, unless its step failed."""
-        if self.runner.prefix_cache is not None and request.finish_reason != "error":
-            self.runner.keep(self.scheduler.running.index(request), [*request.prompt_ids, *request.output_ids])
-        move = self.scheduler.finish(request)
+        """Free the request's slot and blocks; the prefix cache keeps its full blocks first, unless its step
+        failed."""
+        move = self.scheduler.finish(request, keep=request.finish_reason != "error")
         if move is not None:
             self.runner.move(*move)
 

@@ -3,8 +3,8 @@
     rank 0:    HTTP server -> Engine (scheduler) -> BroadcastRunner: send (method, args), then run it
     rank 1..N: follow():     receive (method, args) -> run it on the same ModelRunner state, forever
 
-Every rank holds the same runner state (slots, lengths, sampling generators, the prefix cache's table of blocks,
-each rank's holding its own KV heads) and computes the same
+Every rank holds the same runner state (slots, sampling generators, a pool of the same KV blocks, each rank's
+holding its own KV heads; rank 0's scheduler says which blocks each call uses) and computes the same
 full logits, so each samples the same token and nothing but the call itself crosses ranks. A failed
 broadcast or collective (a dead or hung rank) ends the process with a clear error: the ranks are out
 of step and nothing can be retried, and a server that hangs would be worse.
@@ -14,24 +14,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from glmkit.engine.runner import ModelRunner
+import torch
+
+from glmkit.engine.prefix_cache import BLOCK_SIZE
+from glmkit.engine.runner import ModelRunner, pool_size
 from glmkit.parallel import tp
 
 
 class BroadcastRunner(ModelRunner):
     """Rank 0's runner: every call goes to the other ranks first."""
 
-    def prefill(self, *args: Any) -> int:
-        return self._everywhere("prefill", args)
+    def admit(self, *args: Any) -> None:
+        return self._everywhere("admit", args)
 
-    def decode(self, *args: Any) -> list[int | None]:
-        return self._everywhere("decode", args)
+    def suspend(self, *args: Any) -> None:
+        return self._everywhere("suspend", args)
+
+    def forget(self, *args: Any) -> None:
+        return self._everywhere("forget", args)
+
+    def zero_blocks(self, *args: Any) -> None:
+        return self._everywhere("zero_blocks", args)
+
+    def copy_blocks(self, *args: Any) -> None:
+        return self._everywhere("copy_blocks", args)
+
+    def step(self, *args: Any) -> tuple[list[int | None], int | None]:
+        return self._everywhere("step", args)
 
     def move(self, *args: Any) -> None:
         return self._everywhere("move", args)
-
-    def keep(self, *args: Any) -> None:
-        return self._everywhere("keep", args)
 
     def embed(self, *args: Any) -> list[list[float]]:
         return self._everywhere("embed", args)
@@ -44,10 +56,14 @@ class BroadcastRunner(ModelRunner):
             tp.fail(e)
 
 
-def follow(model, max_batch: int, max_length: int | None = None, prefix_cache_mb: float = 0) -> None:
-    """The other ranks' loop: replay rank 0's runner calls until it sends None (shutdown). prefix_cache_mb must be
-    rank 0's: each rank's runner then looks up, inserts and evicts the same prefix blocks (its own KV heads')."""
-    runner = ModelRunner(model, max_batch, max_length or model.config.max_sequence_length, prefix_cache_mb)
+def follow(model, max_batch: int, max_length: int | None = None, prefix_cache_mb: float = 0,
+           kv_cache_mb: float | None = None, kv_dtype: str | None = None) -> None:
+    """The other ranks' loop: replay rank 0's runner calls until it sends None (shutdown). The pool settings must be
+    rank 0's, so that every rank's pool has the same blocks (each holding its own KV heads')."""
+    max_length = max_length or model.config.max_sequence_length
+    dtype = getattr(torch, kv_dtype) if kv_dtype else None
+    num_blocks, _ = pool_size(model, max_batch, max_length, prefix_cache_mb, kv_cache_mb, dtype)
+    runner = ModelRunner(model, max_batch, num_blocks, BLOCK_SIZE, dtype)
     while True:
         try:
             command = tp.broadcast_object(None)

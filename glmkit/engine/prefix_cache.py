@@ -12,10 +12,11 @@ recently used first, under a capacity in blocks. A lookup or an insert refreshes
 last to the first, so a block is always more recent than the blocks that extend it: eviction takes the tips of
 chains first and never leaves a block whose parent is gone.
 
-This module only keeps the table (no torch): what a block's value is and how it gets into a request's KV cache
-is the runner's business (`ModelRunner`), which copies a block's keys and values into the request's slot. The
-paged KV cache (issue #20) will point a request's block table at the cached blocks instead of copying them; only
-the runner's two copy steps change then, not this table.
+This module only keeps the table (no torch). In the engine a value is a block of the paged KV cache
+(glmkit.engine.blocks): the table holds it as one of its holders (`release` lets go of an evicted one), and a
+request whose prompt starts with cached blocks puts those very blocks at the head of its block table, so nothing
+is copied or computed again. When the pool runs short, `evict_unshared` gives back the blocks that only this table
+still holds, least recently used first.
 
 The order of lookups and inserts decides everything here, with no clock or randomness: tensor-parallel ranks
 that replay the same runner calls hold the same table.
@@ -47,10 +48,11 @@ def block_keys(ids: Sequence[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
 class PrefixCache:
     """Blocks of keys and values by chained block key (block_keys), least recently used evicted first."""
 
-    def __init__(self, capacity_blocks: int, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(self, capacity_blocks: int, block_size: int = BLOCK_SIZE,
+                 release: Callable[[Any], None] = lambda value: None) -> None:
         if capacity_blocks < 1 or block_size < 1:
             raise ValueError("a prefix cache needs room for at least one block of at least one token")
-        self.capacity, self.block_size = capacity_blocks, block_size
+        self.capacity, self.block_size, self.release = capacity_blocks, block_size, release
         self.blocks: OrderedDict[bytes, Any] = OrderedDict()  # least recently used first
         self.queried_tokens = 0  # prompt tokens of every lookup
         self.hit_tokens = 0  # of those, the tokens whose keys and values came from here
@@ -78,11 +80,19 @@ class PrefixCache:
         self._refresh([key for key in keys if key in self.blocks])  # out of the way of the evictions below
         missing = [i for i, key in enumerate(keys) if key not in self.blocks]
         while len(self.blocks) + len(missing) > self.capacity:
-            self.blocks.popitem(last=False)
+            self.release(self.blocks.popitem(last=False)[1])
         for i in missing:
             self.blocks[keys[i]] = read(i)
         self._refresh(keys)
         return len(missing)
+
+    def evict_unshared(self, count: int, unshared: Callable[[Any], bool]) -> int:
+        """Evict up to `count` blocks for which unshared(value) holds (nobody but this table holds them), least
+        recently used first; returns how many went."""
+        victims = [key for key, value in self.blocks.items() if unshared(value)][:count]
+        for key in victims:
+            self.release(self.blocks.pop(key))
+        return len(victims)
 
     def _refresh(self, keys: Sequence[bytes]) -> None:
         """Mark a chain's blocks as just used, its first block the most recent of all."""

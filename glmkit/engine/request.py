@@ -32,10 +32,22 @@ class Request:
     logprobs: int | None = None  # None: no log-probabilities; k: each new token's, with its k most likely rivals
     prompt_logprobs: bool = False  # also the prompt's tokens' (causal models only), on the first output
     constraint: Matcher | None = None  # its walk through params.grammar: masks each token, ends it once complete
+    # Its place in the paged KV cache (glmkit.engine.scheduler): the blocks it holds, the tokens whose keys and
+    # values they hold, and what admission gave it to encode (its prompt; after a preemption, its reply so far too).
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0
+    prefill_ids: list[int] = field(default_factory=list)
+    preempted: bool = False  # was preempted at least once (and recomputed)
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission (None: no lookup)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def encoded(self) -> bool:
+        """Admitted and its prompt encoded: it decodes from now on."""
+        return bool(self.prefill_ids) and self.computed >= len(self.prefill_ids)
 
 
 @dataclass

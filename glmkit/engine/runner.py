@@ -1,26 +1,28 @@
-"""Runs the model for the engine: prefill one request into its cache slot, decode all running slots.
+"""Runs the model for the engine: one forward pass a step over the paged KV cache, for every decoding request's
+latest token and one prompt chunk together (glmkit.models.paged: the linears read their weights once for all).
 
-Each request keeps its own sampling state (seen tokens for the repetition penalty, its seeded
-generator), so a request samples exactly as it would alone, whatever else shares the batch.
-
-Under a causal layout a prefill first copies the longest prefix of its prompt that the prefix cache holds
-(glmkit.engine.prefix_cache) into the slot and encodes only the rest, then copies the prompt's full blocks that the
-cache lacks out of the slot into it; when the request leaves its slot, the blocks of its reply too (`keep`).
+Each request keeps its own sampling state in its slot (seen tokens for the repetition penalty, its seeded
+generator, its grammar walk), so a request samples exactly as it would alone, whatever else shares the batch. The
+scheduler decides which blocks each request holds; the runner is told them with every call, so under tensor
+parallelism every rank, replaying the same calls, writes the same blocks.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from glmkit.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
+from glmkit.engine.blocks import NULL_BLOCK, blocks_for
+from glmkit.engine.prefix_cache import BLOCK_SIZE
 from glmkit.engine.request import TokenLogprob
 from glmkit.generation.embed import embed_batch
 from glmkit.generation.generate import keeps_prefix, make_generator, prefill_inputs, process_logits, sample
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
+from glmkit.models.paged import PagedStep, Segment, kv_bytes_per_token
 
 if TYPE_CHECKING:
     from glmkit.generation.constraints import Matcher
@@ -28,99 +30,156 @@ if TYPE_CHECKING:
 log = logging.getLogger("glmkit.engine")
 
 
+@dataclass
+class DecodeRow:
+    """Feed `token` at sequence position `position` (its keys and values go to blocks[position // block_size])."""
+
+    slot: int
+    token: int
+    position: int
+    blocks: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class PromptChunk:
+    """Encode ids[start:stop] of a prompt in `slot`; with `sample` (the prompt's last chunk, and a request that has
+    no reply yet) the last position's logits sample its first token."""
+
+    slot: int
+    ids: list[int]
+    start: int
+    stop: int
+    blocks: list[int]
+    params: SamplingParams
+    sample: bool
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class SlotState:
+    """What a preempted request's slot held, kept until it is admitted again."""
+
+    generator: torch.Generator | None
+    logprob_count: int | None
+    constraint: Matcher | None
+    step: torch.Tensor = field(repr=False)
+
+
 class ModelRunner:
-    def __init__(self, model: GLM, max_batch: int, max_length: int, prefix_cache_mb: float = 0) -> None:
+    def __init__(self, model: GLM, max_batch: int, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
-        self.prefix_cache = prefix_cache_for(model, prefix_cache_mb)
-        self.cached_tokens: int | None = None  # the latest prefill's prompt tokens from the prefix cache (None: no lookup)
-        self.max_length = max_length
-        model.setup_kv_cache(max_batch, max_length)
+        self.block_size = block_size
+        model.setup_paged_kv_cache(num_blocks, block_size, kv_dtype)
+        model.zero_kv_blocks([NULL_BLOCK])  # it pads shorter block tables: masked out, but must not be NaN
         device = model.device
         planes = model.position_layout.planes
-        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)  # tokens in each slot's cache
         self.last_positions = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)
         self.steps = torch.zeros(max_batch, planes, 1, dtype=torch.long, device=device)  # position_step per slot
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=device)
         self.generators: list[torch.Generator | None] = [None] * max_batch
         self.logprob_counts: list[int | None] = [None] * max_batch  # per slot: None, or top-k alternatives asked
         self.logprobs: list[TokenLogprob | None] = [None] * max_batch  # per slot: its latest token's, if asked
-        self.prompt_logprobs: list[TokenLogprob | None] = []  # the latest prefill's, if asked
+        self.prompt_logprobs: list[list[TokenLogprob | None]] = [[] for _ in range(max_batch)]  # per slot, if asked
         self.constraints: list[Matcher | None] = [None] * max_batch  # per slot: its request's grammar walk, if any
+        self.suspended: dict[str, SlotState] = {}  # preempted requests' sampling state, by request id
 
-    @torch.inference_mode()
-    def prefill(self, slot: int, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None,
-                prompt_logprobs: bool = False, constraint: Matcher | None = None) -> int:
-        """Encode a prompt into `slot` and return its first new token. With `logprobs` (a count of alternatives),
-        each token the slot samples leaves its TokenLogprob in `self.logprobs[slot]`; with prompt_logprobs the
-        prompt's own (under the model's raw logits: nothing samples them) go to `self.prompt_logprobs`; such a prompt
-        is encoded whole (every position's logits), not continued from the prefix cache. With a `constraint` every
-        token the slot samples is one its grammar allows (and advances it)."""
+    def admit(self, slot: int, request_id: str, prompt_ids: list[int], output_ids: list[int],
+              params: SamplingParams, logprobs: int | None = None, constraint: Matcher | None = None) -> None:
+        """Set up `slot` for a request: a new one (no output_ids), or one preempted after output_ids, whose sampling
+        state comes back as it was."""
         model = self.model
-        keys = block_keys(prompt_ids, self.prefix_cache.block_size) if self.prefix_cache is not None else []
-        self.cached_tokens = None
-        reused = 0 if prompt_logprobs else self._restore_prefix(slot, prompt_ids, keys)
-        ids, positions, blocked = prefill_inputs(model, prompt_ids, reused)
-        with model.kv_cache_rows(slot):
-            out = model(ids, positions, blocked, cache_position=reused, last_only=not prompt_logprobs)
-        self._keep_prefix(slot, keys)
-        self.lengths[slot] = len(prompt_ids)
-        self.last_positions[slot] = positions[0, :, -1:]
-        self.steps[slot] = torch.tensor(model.position_layout.step(prompt_ids, model.special_ids))[:, None]
+        kept = self.suspended.pop(request_id, None)
         self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt_ids, device=model.device)] = True
-        self.generators[slot] = make_generator(params.seed, model.device)
-        self.logprob_counts[slot] = logprobs
-        self.constraints[slot] = constraint
-        if prompt_logprobs:
-            table = out.logits[0, :-1].float().log_softmax(-1)
-            self.prompt_logprobs = [None, *(token_logprob(table[i], token, logprobs or 0)
-                                            for i, token in enumerate(prompt_ids[1:]))]
-        return self._sample(slot, out.logits[0, -1].float(), params)
+        self.seen[slot, torch.tensor([*prompt_ids, *output_ids], device=model.device)] = True
+        if kept is None:
+            step = torch.tensor(model.position_layout.step(prompt_ids, model.special_ids))[:, None]
+            kept = SlotState(make_generator(params.seed, model.device), logprobs, constraint, step)
+        self.steps[slot] = kept.step
+        self.generators[slot], self.logprob_counts[slot], self.constraints[slot] = (kept.generator,
+                                                                                    kept.logprob_count, kept.constraint)
+        self.prompt_logprobs[slot] = [None]
+
+    def suspend(self, slot: int, request_id: str) -> None:
+        """The request in `slot` is preempted: keep its sampling state for its re-admission."""
+        self.suspended[request_id] = SlotState(self.generators[slot], self.logprob_counts[slot],
+                                               self.constraints[slot], self.steps[slot].clone())
+
+    def forget(self, request_id: str) -> None:
+        """A preempted request ended while waiting (aborted): drop its kept state."""
+        self.suspended.pop(request_id, None)
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        if blocks:
+            self.model.zero_kv_blocks(blocks)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, every layer's."""
+        if pairs:
+            self.model.copy_kv_blocks(pairs)
 
     @torch.inference_mode()
-    def keep(self, slot: int, ids: list[int]) -> None:
-        """A request leaves `slot`, whose cache holds the keys and values of ids[:length] (its prompt and the tokens
-        fed back): the prefix cache takes the full blocks it lacks, so the conversation's next turn, whose prompt
-        repeats this one's and its reply, finds more than the prompt's blocks."""
-        if self.prefix_cache is not None:
-            held = ids[:int(self.lengths[slot])]
-            self._keep_prefix(slot, block_keys(held, self.prefix_cache.block_size))
-
-    def _restore_prefix(self, slot: int, prompt_ids: list[int], keys: list[bytes]) -> int:
-        """Copy the longest prefix of the prompt the prefix cache holds into `slot`'s cache, at most all but the
-        prompt's last token (fed again for its logits); returns its length. Copying a prefix's keys and values costs
-        a fraction of computing them; the paged KV cache (#20) will map the cached blocks into the slot instead."""
-        if self.prefix_cache is None:
-            return 0
-        blocks = self.prefix_cache.lookup(keys)
-        reused = min(len(blocks) * self.prefix_cache.block_size, len(prompt_ids) - 1)
-        if reused > 0:
-            self.model.write_kv_cache(slot, 0, torch.cat(blocks, dim=3)[:, :, :, :reused])
-        self.prefix_cache.count(len(prompt_ids), reused)
-        self.cached_tokens = reused
-        return reused
-
-    def _keep_prefix(self, slot: int, keys: list[bytes]) -> None:
-        """Copy the prompt's full blocks the prefix cache lacks out of `slot`'s cache into it (#20: share them)."""
-        if self.prefix_cache is not None:
-            size = self.prefix_cache.block_size
-            self.prefix_cache.insert(keys, lambda i: self.model.read_kv_cache(slot, i * size, (i + 1) * size))
-
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], params: list[SamplingParams]) -> list[int | None]:
-        """Feed each of slots 0..n-1 its latest token; return each slot's next token, or None for a slot whose
-        sampling failed (that request ends with an error; the others are not affected)."""
-        n = len(tokens)
+    def step(self, rows: list[DecodeRow], chunk: PromptChunk | None) -> tuple[list[int | None], int | None]:
+        """One forward pass: each decode row's next token (None for a row whose sampling failed: that request ends
+        with an error, the others are not affected), and the chunk's sampled token (None if it samples none or its
+        sampling failed)."""
         model = self.model
-        positions = self.last_positions[:n] + self.steps[:n]
-        lengths = self.lengths[:n]
-        span = int(lengths.max()) + 1
-        blocked = torch.arange(span, device=model.device)[None, :] > lengths[:, None]  # [n, span]
-        ids = torch.tensor(tokens, device=model.device)[:, None]
-        out = model(ids, positions, blocked[:, None, None, :], cache_position=lengths.clone(), last_only=True)
-        self.lengths[:n] += 1
-        self.last_positions[:n] = positions
-        return [self._sample_or_none(row, out.logits[row, -1].float(), params[row]) for row in range(n)]
+        parts = [self._decode_part(rows)] if rows else []
+        if chunk is not None:
+            parts.append(self._chunk_part(chunk, start=len(rows)))
+        ids, positions, writes, segments = (list(x) for x in zip(*parts, strict=True))
+        hidden = model.paged_hidden_states(torch.cat(ids), torch.cat(positions, dim=1),
+                                           PagedStep(torch.cat(writes), segments))
+        tokens = []
+        if rows:
+            logits = model.lm_head(hidden[:len(rows)]).float()
+            tokens = [self._sample_or_none(row.slot, logits[i], row.params) for i, row in enumerate(rows)]
+        first = None
+        if chunk is not None:
+            chunk_hidden = hidden[len(rows):]
+            if chunk.prompt_logprobs:
+                self._prompt_logprobs(chunk, model.lm_head(chunk_hidden).float())
+            if chunk.sample:
+                first = self._sample_or_none(chunk.slot, model.lm_head(chunk_hidden[-1:]).float()[0], chunk.params)
+        return tokens, first
+
+    def _decode_part(self, rows: list[DecodeRow]):
+        device = self.model.device
+        slots = torch.tensor([row.slot for row in rows], device=device)
+        positions = self.last_positions[slots] + self.steps[slots]  # [n, P, 1]
+        self.last_positions[slots] = positions
+        width = max(len(row.blocks) for row in rows)
+        table = torch.tensor([[*row.blocks, *[NULL_BLOCK] * (width - len(row.blocks))] for row in rows], device=device)
+        gather = self._slots(table)
+        at = torch.tensor([row.position for row in rows], device=device)
+        allowed = torch.arange(gather.shape[1], device=device)[None, :] <= at[:, None]
+        write = gather.gather(1, at[:, None])[:, 0]
+        ids = torch.tensor([row.token for row in rows], device=device)
+        return ids, positions[:, :, 0].T, write, Segment(0, len(rows), 1, gather, allowed[:, None, None, :])
+
+    def _chunk_part(self, chunk: PromptChunk, start: int):
+        model = self.model
+        ids, positions, blocked = prefill_inputs(model, chunk.ids[:chunk.stop], chunk.start)  # mask [1, 1, S, stop]
+        self.last_positions[chunk.slot] = positions[0, :, -1:]
+        gather = self._slots(torch.tensor([chunk.blocks], device=model.device))
+        allowed = torch.zeros(1, 1, ids.shape[1], gather.shape[1], dtype=torch.bool, device=model.device)
+        allowed[..., :chunk.stop] = ~blocked
+        write = gather[0, chunk.start:chunk.stop]
+        return ids[0], positions[0], write, Segment(start, 1, ids.shape[1], gather, allowed)
+
+    def _slots(self, table: torch.Tensor) -> torch.Tensor:
+        """Block tables [rows, width] -> the pool slot of each of their positions [rows, width * block_size]."""
+        offsets = torch.arange(self.block_size, device=table.device)
+        return (table[:, :, None] * self.block_size + offsets).flatten(1)
+
+    def _prompt_logprobs(self, chunk: PromptChunk, logits: torch.Tensor) -> None:
+        """Each prompt token's logprob under the position before it (the raw logits: nothing samples them)."""
+        table = logits.log_softmax(-1)
+        k = self.logprob_counts[chunk.slot] or 0
+        for i, position in enumerate(range(chunk.start, chunk.stop)):
+            if position + 1 < len(chunk.ids):
+                self.prompt_logprobs[chunk.slot].append(token_logprob(table[i], chunk.ids[position + 1], k))
 
     def _sample_or_none(self, slot: int, logits: torch.Tensor, params: SamplingParams) -> int | None:
         try:
@@ -145,38 +204,17 @@ class ModelRunner:
         return token
 
     def embed(self, sequences: list[list[int]]) -> list[list[float]]:
-        """One batch of checked inputs' embeddings (glmkit.generation.embed). The pass uses no cache position, so
-        the slots' caches are left as they are."""
+        """One batch of checked inputs' embeddings (glmkit.generation.embed). The pass uses no cache, so the
+        requests' blocks are left as they are."""
         return embed_batch(self.model, sequences).tolist()
 
     def move(self, src: int, dst: int) -> None:
-        """Move a request's whole state from slot src to slot dst (the scheduler compacts the batch)."""
-        self.model.move_kv_cache_row(src, dst)
-        for tensor in (self.lengths, self.last_positions, self.steps, self.seen):
+        """Move a request's sampling state from slot src to slot dst (the scheduler compacts the batch); its keys
+        and values stay in their blocks."""
+        for tensor in (self.last_positions, self.steps, self.seen):
             tensor[dst] = tensor[src]
-        for per_slot in (self.generators, self.logprob_counts, self.logprobs, self.constraints):
+        for per_slot in (self.generators, self.logprob_counts, self.logprobs, self.prompt_logprobs, self.constraints):
             per_slot[dst] = per_slot[src]
-
-
-def prefix_cache_for(model: GLM, megabytes: float) -> PrefixCache | None:
-    """A prefix cache of `megabytes`, or None: when 0, or for a prefix-LM (ChatGLM-6B, GLM-130B), which reads its
-    prompt bidirectionally, so a prefix's keys and values change with whatever follows it. The capacity counts the
-    whole model's keys and values (every KV head, as without tensor parallelism): every rank computes the same
-    number of blocks from the config, so ranks that replay the same calls evict the same blocks."""
-    if megabytes <= 0:
-        return None
-    if not keeps_prefix(model.position_layout):
-        log.info("prefix cache off: this %s model reads its prompt bidirectionally, so no prefix can be reused",
-                 model.position_layout.name)
-        return None
-    c = model.config
-    block_bytes = BLOCK_SIZE * c.num_layers * 2 * c.kv_heads * c.head_dim * model.dtype.itemsize
-    capacity = int(megabytes * 2**20) // block_bytes
-    if capacity < 1:
-        log.warning("prefix cache off: %s MB holds no block of %d tokens (%d bytes)", megabytes, BLOCK_SIZE,
-                    block_bytes)
-        return None
-    return PrefixCache(capacity)
 
 
 def token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
@@ -187,3 +225,30 @@ def token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
         values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
         top = [(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True) if v != float("-inf")]
     return TokenLogprob(token, float(logprobs[token]), top)
+
+
+def pool_size(model: GLM, max_batch: int, max_length: int, prefix_cache_mb: float, kv_cache_mb: float | None,
+              kv_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(blocks in the pool, of which the prefix cache may hold) for these settings. The padding block comes on
+    top; the prefix cache gets none for a prefix-LM (ChatGLM-6B, GLM-130B), which reads its prompt
+    bidirectionally, so a prefix's keys and values change with whatever follows it. Sizes count the whole model's
+    keys and values (every KV head, as without tensor parallelism), so every rank computes the same pool."""
+    c = model.config
+    block_bytes = BLOCK_SIZE * c.num_layers * kv_bytes_per_token(c.kv_heads, c.head_dim, kv_dtype or model.dtype)
+    if kv_cache_mb is None:
+        working = max_batch * blocks_for(max_length, BLOCK_SIZE)
+    else:
+        working = int(kv_cache_mb * 2**20) // block_bytes
+        if working < 1:
+            raise ValueError(f"--kv-cache-mb {kv_cache_mb} holds no block of {BLOCK_SIZE} tokens ({block_bytes} "
+                             "bytes): give it more")
+    prefix = 0
+    if prefix_cache_mb > 0 and keeps_prefix(model.position_layout):
+        prefix = int(prefix_cache_mb * 2**20) // block_bytes
+        if prefix < 1:
+            log.warning("prefix cache off: %s MB holds no block of %d tokens (%d bytes)", prefix_cache_mb,
+                        BLOCK_SIZE, block_bytes)
+    elif prefix_cache_mb > 0:
+        log.info("prefix cache off: this %s model reads its prompt bidirectionally, so no prefix can be reused",
+                 model.position_layout.name)
+    return 1 + working + prefix, prefix

@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmkit.models.config import GLMConfig
+from glmkit.models.paged import PagedKVCache, PagedStep
 from glmkit.models.positions import LAYOUTS, PositionLayout, SpecialIds, model_layout
 
 # Where new tokens go in the KV cache: one offset for the whole batch, or one per row (decoding
-# requests of different lengths together), or None without a cache.
-CachePosition = int | torch.Tensor | None
+# requests of different lengths together), or a PagedStep over the paged cache (the engine), or None without a cache.
+CachePosition = int | torch.Tensor | PagedStep | None
 
 
 class RotaryEmbedding(nn.Module):
@@ -292,6 +293,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv_layout(self.query_key_value(x))  # q [B, S, H, D]; k, v [B, S, g, D]
         q, k = rope.apply(q), rope.apply(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
+        if isinstance(cache_position, PagedStep):  # the engine's flat step: attention per request, over its blocks
+            out = self.kv_cache.attend(cache_position, q, k, v, self.qkv_layout.expand, prefix)
+            return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
         if self.kv_cache is not None and cache_position is not None:
             k, v = self.kv_cache.update(cache_position, k, v)  # [B, g, T, D]
         if prefix is not None:  # P-Tuning v2 keys/values [2, g, P, D], in front of everything, unrotated
@@ -616,6 +620,33 @@ class GLM(nn.Module):
             layer.attention.kv_cache = KVCache(
                 batch_size, max_length, layer.attention.num_kv_heads, c.head_dim, self.dtype, self.device
             )
+
+    def setup_paged_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> None:
+        """Give every layer its share of a pool of `num_blocks` blocks (glmkit.models.paged), in `dtype` (default:
+        the activations'); the engine decides which blocks each request uses. Drops a retained cache."""
+        c = self.config
+        self._retained_kv = None
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache = PagedKVCache(num_blocks, block_size, layer.attention.num_kv_heads, c.head_dim,
+                                                    dtype or self.dtype, self.device)
+
+    def zero_kv_blocks(self, blocks: Sequence[int]) -> None:
+        """Zero these blocks of every layer's pool (the engine hands them to a request)."""
+        index = torch.tensor(list(blocks), dtype=torch.long, device=self.device)
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache.zero_blocks(index)
+
+    def copy_kv_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy (source, destination) blocks in every layer's pool."""
+        src, dst = (torch.tensor(list(side), dtype=torch.long, device=self.device) for side in zip(*pairs, strict=True))
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache.copy_blocks(src, dst)
+
+    def paged_hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        """The final norm's output [N, hidden] for one flat step of the paged cache: input_ids [N] of several
+        requests, position_ids [P, N] (each token's own), `step` saying where each token's keys go and what each
+        attends to. The engine checks each request's length against the context itself."""
+        return self.transformer(input_ids[None], position_ids[None], None, step)[0]
 
     @contextmanager
     def kv_cache_rows(self, slot: int) -> Iterator[None]:

@@ -200,13 +200,19 @@ def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:
         return time.perf_counter() - start
 
 
+def build(shape: str, bits: int, dtype: str, embeddings: int = 0, kernel_choice: str = "native") -> GLMForCausalLM:
+    """The random-weight model `glmkit bench` measures: a shape of SHAPES, quantized as asked."""
+    model = random_model(SHAPES[shape](), getattr(torch, dtype), bits, embeddings=embeddings)
+    return use_kernels(model, kernel_choice)
+
+
 def run(shape: str, bits: int, dtype: str, prompt_lens: list[int], new_tokens: int, measure_load: bool,
         repeats: int = 3, embeddings: int = 0, kernel_choice: str = "native") -> dict:
     """One configuration's measurements, as a JSON-ready dict (threads: as torch is set up)."""
     torch_dtype = getattr(torch, dtype)
     config = SHAPES[shape]()
     start = time.perf_counter()
-    model = use_kernels(random_model(config, torch_dtype, bits, embeddings=embeddings), kernel_choice)
+    model = build(shape, bits, dtype, embeddings, kernel_choice)
     native = bits and kernels.available() and kernel_choice == "native"
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     result: dict = {

@@ -26,6 +26,7 @@ from glmkit.engine import Engine
 from glmkit.engine.async_engine import AsyncEngine
 from glmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from glmkit.engine.protocol import EngineClient
+from glmkit.engine.scheduler import DEFAULT_STEP_TOKENS
 from glmkit.models.glm import GLM
 from glmkit.serve.embeddings import EmbeddingRequest, EmbeddingResponse, Embeddings
 from glmkit.serve.metrics import CONTENT_TYPE, UNMATCHED
@@ -54,19 +55,22 @@ log = logging.getLogger("glmkit.serve")
 def create_app(model: GLM, tokenizer: Tokenizer, model_name: str, *, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, cors_origins: list[str] | None = None,
                allowed_hosts: list[str] | None = None, metrics_public: bool = False,
-               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
-    """The app over a new batching engine for `model`."""
-    engine = start_engine(model, max_batch, max_queue, prefix_cache_mb)
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, kv_cache_mb: float | None = None,
+               step_tokens: int = DEFAULT_STEP_TOKENS, kv_dtype: str | None = None) -> FastAPI:
+    """The app over a new batching engine for `model` (the engine's settings: glmkit.engine.Engine)."""
+    engine = start_engine(model, max_batch, max_queue, prefix_cache_mb, kv_cache_mb, step_tokens, kv_dtype)
     return build_app(engine, tokenizer, chat_format_for(tokenizer), model_name,
                      model.config.max_sequence_length, api_key=api_key, cors_origins=cors_origins,
                      allowed_hosts=allowed_hosts, metrics_public=metrics_public,
                      embedding_size=model.config.hidden_size)
 
 
-def start_engine(model: GLM, max_batch: int, max_queue: int,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> EngineClient:
+def start_engine(model: GLM, max_batch: int, max_queue: int, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                 kv_cache_mb: float | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+                 kv_dtype: str | None = None) -> EngineClient:
     """The one place the server builds its concrete engine: continuous batching on a thread of its own."""
-    return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb))
+    return AsyncEngine(Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
+                              kv_cache_mb=kv_cache_mb, step_tokens=step_tokens, kv_dtype=kv_dtype))
 
 
 def default_allowed_hosts(bind_host: str, given: list[str] | None) -> list[str] | None:

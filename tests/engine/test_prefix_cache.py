@@ -131,8 +131,8 @@ def test_shared_system_prompt_same_batch_and_a_continued_conversation_answer_as_
     # q0 finds nothing; q1 (prefilled right after q0, in the same step) and q2 find the system prompt's 2 blocks;
     # the follow-up finds q0's prompt and reply as q0's slot held them when it ended: 52 + 19 fed ids, 4 blocks.
     assert [c for _, c in cached] == [0, 32, 32, 64]
-    assert engine.runner.prefix_cache.hit_tokens == 128
-    assert engine.runner.prefix_cache.queried_tokens == 3 * 52 + len(follow_up)
+    assert engine.prefix_cache.hit_tokens == 128
+    assert engine.prefix_cache.queried_tokens == 3 * 52 + len(follow_up)
 
 
 def test_a_repeated_prompt_prefills_only_its_last_token(causal_model):
@@ -160,12 +160,12 @@ def test_eviction_under_a_tiny_budget_keeps_answers_exact(causal_model):
     batches = [[(p, params)] for p in (a, b, a, a, b)]
     without = run(Engine(causal_model, prefix_cache_mb=0), batches)
     engine = Engine(causal_model, prefix_cache_mb=block_mb(causal_model, 3))
-    assert engine.runner.prefix_cache.capacity == 3
+    assert engine.prefix_cache.capacity == 3
     cached = run(engine, batches)
     assert [t for t, _ in cached] == [t for t, _ in without]
     # a leaves 2 blocks; b's 2 evict a's tip, so a finds 1 (and its tip evicts b's); a again finds 2, b its first.
     assert [c for _, c in cached] == [0, 0, 16, 32, 16]
-    assert len(engine.runner.prefix_cache) == 3
+    assert len(engine.prefix_cache) == 3
 
 
 def test_prompt_logprobs_are_computed_whole_and_equal_those_without_the_cache(causal_model):
@@ -193,6 +193,6 @@ def test_prompt_logprobs_are_computed_whole_and_equal_those_without_the_cache(ca
 def test_a_prefix_lm_model_has_no_prefix_cache():
     """ChatGLM-6B reads its prompt bidirectionally up to <sop>: a prefix's keys and values depend on what follows."""
     engine = Engine(random_model(tiny_config(eos_token_id=255)))
-    assert engine.runner.prefix_cache is None
+    assert engine.prefix_cache is None
     [(tokens, cached)] = run(engine, [[(prompt(*range(5, 40)), SamplingParams(max_new_tokens=3))]])
     assert cached is None and len(tokens) == 3

@@ -106,13 +106,13 @@ def test_non_streaming_requests_whose_clients_disconnect_are_aborted(inproc, mod
     """Each decoding step is slowed to 20 ms, so these 1,500-token requests would hold their slots for 30 s or
     more; the engine's running count shows them freed as soon as their clients have gone."""
     base, engine = inproc
-    original = ModelRunner.decode
+    original = ModelRunner.step
 
-    def slow_decode(self, tokens, params):
+    def slow_step(self, rows, chunk):
         time.sleep(0.02)
-        return original(self, tokens, params)
+        return original(self, rows, chunk)
 
-    monkeypatch.setattr(ModelRunner, "decode", slow_decode)
+    monkeypatch.setattr(ModelRunner, "step", slow_step)
     body = {"model": model_dir.name, "prompt": "long", "temperature": 0, "max_tokens": 1500}
 
     async def abandon():
@@ -130,3 +130,5 @@ def test_non_streaming_requests_whose_clients_disconnect_are_aborted(inproc, mod
     gone = time.time()
     wait_for(lambda: engine.running == 0 and engine.queue_depth == 0, 15, "the abandoned requests to be aborted")
     assert time.time() - gone < 15
+    blocks = engine.engine.scheduler.blocks  # their KV-cache blocks are back (a prefix-LM model: no prefix cache)
+    assert blocks.in_use == 0 and len(blocks.free) == blocks.usable
