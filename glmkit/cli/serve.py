@@ -34,8 +34,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "and head) halves a bf16 one, each at a measured cost in exactness (docs/serving.md; "
                              "default: the model's --dtype)")
     parser.add_argument("--step-tokens", type=positive_int, default=DEFAULT_STEP_TOKENS,
-                        help="tokens one engine step may encode: the running requests' next tokens plus a chunk of "
-                             "a new prompt, so a long prompt does not stall the others (default: %(default)s)")
+                        help="tokens one engine step may encode: the running requests' next tokens plus chunks of "
+                             "new prompts, so a long prompt does not stall the others (default: %(default)s)")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow this browser origin to call the API; repeat for more (default: none)")
     parser.add_argument("--allowed-host", action="append", default=None,

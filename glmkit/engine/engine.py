@@ -33,7 +33,7 @@ class Engine:
     of max_length tokens; the memory is backed as blocks are first used); a request that cannot get blocks waits,
     and a causal model's running request may be preempted and recomputed. prefix_cache_mb: how many of the pool's
     blocks, on top, may stay behind for later prompts that start the same way (glmkit.engine.prefix_cache); 0 turns
-    it off. step_tokens: the tokens one step may encode (the decode tokens and one prompt chunk), so a long prompt
+    it off. step_tokens: the tokens one step may encode (the decode tokens and prompt chunks), so a long prompt
     is encoded in chunks between the running requests' tokens. kv_dtype: the cache's dtype (default: the model's).
     """
 
@@ -118,32 +118,30 @@ class Engine:
         return [StepOutput(r.request_id, None, "error") for r in requests]
 
     def step(self) -> list[StepOutput]:
-        """One forward pass: a token for every decoding request, and one prompt chunk (the first token of its
-        request once its prompt is complete). A request whose sampling fails ends with finish_reason "error" and
+        """One forward pass: a token for every decoding request, and prompt chunks (the first token of a request
+        once its prompt is complete). A request whose sampling fails ends with finish_reason "error" and
         leaves the batch; the others go on. Only a failed forward pass, which every request in it shares, fails
         all of them."""
         plan = self.scheduler.schedule()
         self._start(plan)
         rows = [DecodeRow(slot, r.output_ids[-1], r.computed, r.blocks, r.params) for slot, r in plan.decoding]
-        chunk = plan.chunk
-        work = None if chunk is None else PromptChunk(
-            chunk.slot, chunk.request.prefill_ids, chunk.start, chunk.stop, chunk.request.blocks,
-            chunk.request.params, sample=chunk.completes and not chunk.request.output_ids,
-            prompt_logprobs=chunk.request.prompt_logprobs)
+        work = [PromptChunk(c.slot, c.request.prefill_ids, c.start, c.stop, c.request.blocks, c.request.params,
+                            sample=c.completes and not c.request.output_ids, prompt_logprobs=c.request.prompt_logprobs)
+                for c in plan.chunks]
         try:
-            tokens, first = self.runner.step(rows, work)
+            tokens, firsts = self.runner.step(rows, work)
             failed = False
         except Exception:  # noqa: BLE001 (the shared forward pass failed: these requests cannot go on)
-            log.exception("model step of %d requests failed", len(rows) + (chunk is not None))
-            tokens, first, failed = [None] * len(rows), None, True
+            log.exception("model step of %d requests failed", len(rows) + len(work))
+            tokens, firsts, failed = [None] * len(rows), [None] * len(work), True
         produced: list[tuple[Request, int | None, TokenLogprob | None]] = []
         for (slot, request), token in zip(plan.decoding, tokens, strict=True):
             request.computed += 1
             produced.append((request, token, self.runner.logprobs[slot]))
-        if chunk is not None:
+        for chunk, job, first in zip(plan.chunks, work, firsts, strict=True):
             if not failed:
                 self.scheduler.encoded(chunk)
-            if work.sample or failed:  # its first token, or its end with an error
+            if job.sample or failed:  # its first token, or its end with an error
                 produced.append((chunk.request, first, self.runner.logprobs[chunk.slot]))
         outputs = [self._output(request, token, logprob) for request, token, logprob in produced]
         for request, _, _ in produced:

@@ -39,7 +39,7 @@ class BroadcastRunner(ModelRunner):
     def copy_blocks(self, *args: Any) -> None:
         return self._everywhere("copy_blocks", args)
 
-    def step(self, *args: Any) -> tuple[list[int | None], int | None]:
+    def step(self, *args: Any) -> tuple[list[int | None], list[int | None]]:
         return self._everywhere("step", args)
 
     def move(self, *args: Any) -> None:

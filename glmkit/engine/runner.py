@@ -1,5 +1,5 @@
 """Runs the model for the engine: one forward pass a step over the paged KV cache, for every decoding request's
-latest token and one prompt chunk together (glmkit.models.paged: the linears read their weights once for all).
+latest token and the prompt chunks together (glmkit.models.paged: the linears read their weights once for all).
 
 Each request keeps its own sampling state in its slot (seen tokens for the repetition penalty, its seeded
 generator, its grammar walk), so a request samples exactly as it would alone, whatever else shares the batch. The
@@ -120,14 +120,16 @@ class ModelRunner:
             self.model.copy_kv_blocks(pairs)
 
     @torch.inference_mode()
-    def step(self, rows: list[DecodeRow], chunk: PromptChunk | None) -> tuple[list[int | None], int | None]:
-        """One forward pass: each decode row's next token (None for a row whose sampling failed: that request ends
-        with an error, the others are not affected), and the chunk's sampled token (None if it samples none or its
-        sampling failed)."""
+    def step(self, rows: list[DecodeRow], chunks: list[PromptChunk]) -> tuple[list[int | None], list[int | None]]:
+        """One forward pass: each decode row's next token and each chunk's sampled token (None for a row whose
+        sampling failed, whose request then ends with an error while the others go on; None too for a chunk that
+        samples nothing)."""
         model = self.model
         parts = [self._decode_part(rows)] if rows else []
-        if chunk is not None:
-            parts.append(self._chunk_part(chunk, start=len(rows)))
+        offset = len(rows)
+        for chunk in chunks:
+            parts.append(self._chunk_part(chunk, offset))
+            offset += chunk.stop - chunk.start
         ids, positions, writes, segments = (list(x) for x in zip(*parts, strict=True))
         hidden = model.paged_hidden_states(torch.cat(ids), torch.cat(positions, dim=1),
                                            PagedStep(torch.cat(writes), segments))
@@ -135,14 +137,16 @@ class ModelRunner:
         if rows:
             logits = model.lm_head(hidden[:len(rows)]).float()
             tokens = [self._sample_or_none(row.slot, logits[i], row.params) for i, row in enumerate(rows)]
-        first = None
-        if chunk is not None:
-            chunk_hidden = hidden[len(rows):]
+        firsts: list[int | None] = []
+        for chunk, segment in zip(chunks, segments[len(segments) - len(chunks):], strict=True):
+            chunk_hidden = hidden[segment.start:segment.stop]
             if chunk.prompt_logprobs:
                 self._prompt_logprobs(chunk, model.lm_head(chunk_hidden).float())
+            first = None
             if chunk.sample:
                 first = self._sample_or_none(chunk.slot, model.lm_head(chunk_hidden[-1:]).float()[0], chunk.params)
-        return tokens, first
+            firsts.append(first)
+        return tokens, firsts
 
     def _decode_part(self, rows: list[DecodeRow]):
         device = self.model.device

@@ -4,16 +4,18 @@ tested on its own.
 Running requests occupy slots 0..n-1 of the runner's per-request state, in order; a request that finishes frees
 its slot by moving the last running request into it (only that small state moves: its keys and values stay in
 their blocks). Each step every running request whose prompt is encoded feeds its latest token (decoding), and
-at most one request's prompt gets encoded, in chunks where the model allows it:
+prompts are encoded with what is left of the step's token budget, in chunks where the model allows it:
 
-    step:  [decode tokens of the running requests | a chunk of one prompt]   <= step_tokens tokens in all
+    step:  [decode tokens of the running requests | prompt chunks]   <= step_tokens tokens in all
 
-so a long prompt no longer stalls every stream for its whole prefill. A waiting request is admitted, oldest
-first, when a slot is free, no other prompt is being encoded, and the pool has the blocks its prompt needs
-(after the prefix cache's longest hit, whose blocks it shares). A decoding request takes a new block when it
-fills its last one; when none is free (and the prefix cache holds none that only it holds), the request in the
-last slot is preempted: its blocks are freed and it waits at the head of the queue, to be recomputed by
-encoding its prompt and its reply so far, after which it goes on exactly where it stopped.
+so a long prompt no longer stalls every stream for its whole prefill, and many short prompts that arrive together
+are encoded together. A prompt being encoded goes on first; then waiting requests are admitted, oldest first,
+while a slot is free, the budget lasts and the pool has the blocks their prompts need (after the prefix cache's
+longest hit, whose blocks they share). A prompt that starts with the same block as one admitted in this step waits
+for the next, when that one's blocks are in the prefix cache. A decoding request takes a new block when it fills
+its last one; when none is free (and the prefix cache holds none that only it holds), the request in the last
+slot is preempted: its blocks are freed and it waits at the head of the queue, to be recomputed by encoding its
+prompt and its reply so far, after which it goes on exactly where it stopped.
 
 Prefix-LM models (ChatGLM-6B, GLM-130B) read the whole prompt bidirectionally: their prompt is encoded in one
 piece, a reply cannot be recomputed by continuing the prompt, and so each of their requests takes the blocks of
@@ -29,7 +31,7 @@ from glmkit.engine.blocks import BlockAllocator, blocks_for
 from glmkit.engine.prefix_cache import PrefixCache, block_keys
 from glmkit.engine.request import Request
 
-DEFAULT_STEP_TOKENS = 256  # tokens one step may encode: decode tokens plus one prompt chunk
+DEFAULT_STEP_TOKENS = 256  # tokens one step may encode: decode tokens plus prompt chunks
 
 
 class QueueFull(RuntimeError):
@@ -55,7 +57,7 @@ class Schedule:
     preempted: list[tuple[int, Request]] = field(default_factory=list)  # left their slots (in this order)
     admitted: list[tuple[int, Request]] = field(default_factory=list)  # (slot, request) joining this step
     decoding: list[tuple[int, Request]] = field(default_factory=list)  # (slot, request) feeding their latest token
-    chunk: Chunk | None = None  # the prompt chunk encoded this step
+    chunks: list[Chunk] = field(default_factory=list)  # the prompt chunks encoded this step
     fresh_blocks: list[int] = field(default_factory=list)  # blocks handed out this step (to be zeroed)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (cached block, fresh block) to copy, after zeroing
 
@@ -103,17 +105,27 @@ class Scheduler:
         plan = Schedule()
         self._grow_decoding(plan)
         plan.decoding = [(slot, r) for slot, r in enumerate(self.running) if r.encoded]
-        prefilling = next((r for r in self.running if not r.encoded), None)
-        if prefilling is None and self.waiting and len(self.running) < self.max_batch and not plan.preempted:
-            prefilling = self._admit(plan)
-        if prefilling is not None:
-            start = prefilling.computed
-            stop = len(prefilling.prefill_ids)
-            if self.chunked:
-                room = max(self.step_tokens - len(plan.decoding), self.block_size)
-                stop = min(stop, start + room)
-            plan.chunk = Chunk(self.running.index(prefilling), prefilling, start, stop)
+        budget = self.step_tokens - len(plan.decoding)
+        for slot, request in enumerate(self.running):
+            if not request.encoded:
+                budget -= self._chunk(plan, slot, request, budget)
+        first_keys = set()  # the first block of each prompt admitted this step
+        while (budget > 0 or not plan.chunks) and self.waiting and len(self.running) < self.max_batch \
+                and not plan.preempted:
+            request = self._admit(plan, first_keys)
+            if request is None:
+                break
+            budget -= self._chunk(plan, len(self.running) - 1, request, budget)
         return plan
+
+    def _chunk(self, plan: Schedule, slot: int, request: Request, budget: int) -> int:
+        """Plan the next chunk of `request`'s prompt within `budget` tokens (at least a block, so that every step
+        moves a prompt on; a prefix-LM prompt whole); returns its length."""
+        start, stop = request.computed, len(request.prefill_ids)
+        if self.chunked:
+            stop = min(stop, start + max(budget, self.block_size))
+        plan.chunks.append(Chunk(slot, request, start, stop))
+        return stop - start
 
     def _grow_decoding(self, plan: Schedule) -> None:
         """A block for each decoding request whose next token starts one, preempting from the last slot when the
@@ -139,12 +151,16 @@ class Scheduler:
         self.preemptions += 1
         return len(self.running), request
 
-    def _admit(self, plan: Schedule) -> Request | None:
+    def _admit(self, plan: Schedule, first_keys: set[bytes]) -> Request | None:
         """The head of the queue, with the blocks of its prompt (shared ones from the prefix cache first), or None
-        (it stays first in the queue) while the pool cannot give them."""
+        (it stays first in the queue) while the pool cannot give them, or while a prompt admitted in this step
+        starts with the same block (next step, its blocks are in the prefix cache)."""
         request = self.waiting[0]
         ids = [*request.prompt_ids, *request.output_ids[:-1]]  # a preempted request re-encodes its reply too
-        hits = self._prefix_hits(request, ids)
+        keys = [] if self.prefix_cache is None or request.prompt_logprobs else block_keys(ids, self.block_size)
+        if keys and keys[0] in first_keys:
+            return None
+        hits = self.prefix_cache.lookup(keys) if keys else []
         # The last token is encoded again for its logits: when its block is cached too, the request gets a copy of
         # that block to write into (copy on write) and shares the blocks before it.
         last = (len(ids) - 1) // self.block_size
@@ -161,6 +177,7 @@ class Scheduler:
         request.prefill_ids = ids
         request.computed = len(ids) - 1 if copied else len(shared) * self.block_size
         plan.copies += zip(copied, fresh[:1], strict=False)
+        first_keys.update(keys[:1])
         request.cached_tokens = None if self.prefix_cache is None or request.prompt_logprobs else request.computed
         if request.cached_tokens is not None:
             self.prefix_cache.count(len(ids), request.computed)
@@ -168,11 +185,6 @@ class Scheduler:
         plan.admitted.append((len(self.running), request))
         self.running.append(request)
         return request
-
-    def _prefix_hits(self, request: Request, ids: list[int]) -> list[int]:
-        if self.prefix_cache is None or request.prompt_logprobs:  # echo's prompt logprobs need every position
-            return []
-        return self.prefix_cache.lookup(block_keys(ids, self.block_size))
 
     def _take(self, count: int) -> list[int] | None:
         """`count` free blocks, evicting blocks only the prefix cache holds if need be; None if still short."""

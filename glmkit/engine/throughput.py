@@ -13,16 +13,14 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 from glmkit.engine.engine import Engine
+from glmkit.generation.generate import random_prompt
 from glmkit.generation.sampling import SamplingParams
 from glmkit.models.glm import GLM
 
 
 def random_ids(model: GLM, length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(10, min(model.config.vocab_size, 20000), (length,), generator=generator).tolist()
+    return random_prompt(model.config, length, seed)
 
 
 def percentile(values: list[float], q: float) -> float:

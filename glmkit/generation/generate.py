@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from glmkit.generation.sampling import SamplingParams  # still importable from here too
+from glmkit.models.config import GLMConfig
 from glmkit.models.glm import GLM
 from glmkit.models.positions import PositionLayout, padded_layout
 
@@ -317,3 +318,14 @@ def greedy_completions(model: GLM, prompts: Sequence[Sequence[int]], max_new_tok
                 if not done[row]:
                     answers[row].append(token)
     return answers
+
+
+def random_prompt(config: GLMConfig, length: int, seed: int | None = None) -> list[int]:
+    """`length` random ids with the family's [gMASK] sop: at the end (ChatGLM-6B), in front (the causal families;
+    left out where a tiny vocabulary has no such ids), for timing on random weights. Seeded by `seed` (default: the
+    length)."""
+    g = torch.Generator().manual_seed(length if seed is None else seed)
+    specials = [t for t in (config.gmask_token_id, config.bos_token_id) if t is not None and t < config.vocab_size]
+    high = min(config.vocab_size, config.mask_token_id or config.vocab_size)
+    body = torch.randint(10, high, (length - len(specials),), generator=g).tolist()
+    return [*specials, *body] if config.causal else [*body, *specials]

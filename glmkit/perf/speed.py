@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from glmkit.families.chatglm2 import FAMILY as THUDM_LAYOUT
-from glmkit.generation.generate import decode_one_token, prefill
+from glmkit.generation.generate import decode_one_token, prefill, random_prompt
 from glmkit.models.config import GLMConfig, preset
 from glmkit.models.modules import replace_module
 from glmkit.pretrained import GLMForCausalLM
@@ -179,16 +179,6 @@ def read_bandwidth_gb_per_s(repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return round(data.numel() * data.element_size() / best / 1e9, 1)
-
-
-def random_prompt(config: GLMConfig, length: int) -> list[int]:
-    """`length` random ids with the family's [gMASK] sop: at the end (ChatGLM-6B), in front (the causal families;
-    left out where a tiny vocabulary has no such ids)."""
-    g = torch.Generator().manual_seed(length)
-    specials = [t for t in (config.gmask_token_id, config.bos_token_id) if t < config.vocab_size]
-    high = min(config.vocab_size, config.mask_token_id)
-    body = torch.randint(10, high, (length - len(specials),), generator=g).tolist()
-    return [*specials, *body] if config.causal else [*body, *specials]
 
 
 def time_load(model: GLMForCausalLM, dtype: torch.dtype) -> float:

@@ -19,26 +19,39 @@ def run_step(s: Scheduler):
     for _, request in plan.decoding:
         request.computed += 1
         request.output_ids.append(7)
-    if plan.chunk is not None:
-        s.encoded(plan.chunk)
-        if plan.chunk.completes and not plan.chunk.request.output_ids:
-            plan.chunk.request.output_ids.append(7)
+    for chunk in plan.chunks:
+        s.encoded(chunk)
+        if chunk.completes and not chunk.request.output_ids:
+            chunk.request.output_ids.append(7)
     return plan
 
 
-def test_admits_oldest_first_one_prompt_a_step_up_to_the_batch_size():
-    s = Scheduler(max_batch=2, max_queue=5)
+def test_admits_oldest_first_while_the_step_budget_and_the_batch_last():
+    s = Scheduler(max_batch=2, max_queue=5, step_tokens=3)
     for name in "abc":
         s.add(req(name))
-    plan = run_step(s)
-    assert [(slot, r.request_id) for slot, r in plan.admitted] == [(0, "a")] and plan.decoding == []
-    assert (plan.chunk.slot, plan.chunk.start, plan.chunk.stop) == (0, 0, 2)
-    plan = run_step(s)
-    assert [(slot, r.request_id) for slot, r in plan.admitted] == [(1, "b")]
-    assert [(slot, r.request_id) for slot, r in plan.decoding] == [(0, "a")]
+    plan = run_step(s)  # a's 2 prompt tokens fit the budget of 3, b's next 2 start there too (1 left: a block)
+    assert [(slot, r.request_id) for slot, r in plan.admitted] == [(0, "a"), (1, "b")] and plan.decoding == []
+    assert [(c.slot, c.start, c.stop) for c in plan.chunks] == [(0, 0, 2), (1, 0, 2)]
     plan = run_step(s)  # the batch is full: c waits
-    assert plan.admitted == [] and plan.chunk is None
-    assert [r.request_id for _, r in plan.decoding] == ["a", "b"]
+    assert plan.admitted == [] and plan.chunks == []
+    assert [(slot, r.request_id) for slot, r in plan.decoding] == [(0, "a"), (1, "b")]
+
+
+def test_a_prompt_that_starts_like_one_admitted_in_this_step_waits_to_share_its_blocks():
+    from glmkit.engine.prefix_cache import PrefixCache
+
+    blocks = BlockAllocator(20, 4)
+    s = Scheduler(max_batch=3, max_queue=3, blocks=blocks, step_tokens=64,
+                  prefix_cache=PrefixCache(8, 4, release=lambda b: blocks.release([b])))
+    system = [9, 9, 9, 9, 8, 8, 8, 8]
+    s.add(Request("a", [*system, 1], SamplingParams(), budget=2))
+    s.add(Request("b", [*system, 2], SamplingParams(), budget=2))
+    s.add(Request("c", [5, 5, 5, 5, 1], SamplingParams(), budget=2))
+    plan = run_step(s)
+    assert [r.request_id for _, r in plan.admitted] == ["a"]  # b starts like a, and c queues behind b
+    plan = run_step(s)
+    assert [r.request_id for _, r in plan.admitted] == ["b", "c"] and plan.admitted[0][1].cached_tokens == 8
 
 
 def test_a_finished_request_frees_its_slot_and_blocks_by_moving_the_last_one_in():
@@ -93,7 +106,8 @@ def test_a_long_prompt_is_encoded_in_chunks_within_the_step_budget():
     chunks = []
     while not s.running[1:] or not s.running[1].encoded:
         plan = run_step(s)
-        chunks.append((plan.chunk.start, plan.chunk.stop, len(plan.decoding)))
+        [chunk] = plan.chunks
+        chunks.append((chunk.start, chunk.stop, len(plan.decoding)))
     # each step: one decode token of "short" and at most 9 prompt tokens
     assert chunks == [(0, 9, 1), (9, 18, 1), (18, 27, 1), (27, 30, 1)]
 
@@ -106,7 +120,7 @@ def test_a_chunk_always_advances_by_at_least_a_block():
     run_step(s)
     s.add(req("c", prompt=10, budget=2))
     plan = run_step(s)
-    assert len(plan.decoding) == 2 and (plan.chunk.start, plan.chunk.stop) == (0, 4)
+    assert len(plan.decoding) == 2 and [(c.start, c.stop) for c in plan.chunks] == [(0, 4)]
 
 
 def test_admission_waits_for_free_blocks_instead_of_failing():
@@ -126,24 +140,23 @@ def test_the_last_slot_is_preempted_when_a_decoding_request_needs_a_block_and_no
     a, b = req("a", prompt=4, budget=8), req("b", prompt=4, budget=8)
     s.add(a)
     s.add(b)
-    run_step(s)  # a: prompt encoded (1 block), first token
-    run_step(s)  # a feeds token 1 at position 4: a second block; b admitted (1 block)
-    assert s.blocks.in_use == 3
-    plan = run_step(s)  # b feeds at position 4 and needs a block: none free, so b (last slot) is preempted
+    run_step(s)  # both prompts encoded (a block each), first tokens
+    assert s.blocks.in_use == 2
+    plan = run_step(s)  # a feeds at position 4: the third block; b too, but none is left: b (last slot) goes
     assert [(slot, r.request_id) for slot, r in plan.preempted] == [(1, "b")]
     assert b.preempted and b.blocks == [] and b.computed == 0 and list(s.waiting) == [b]
     assert [r.request_id for _, r in plan.decoding] == ["a"] and s.preemptions == 1
     s.finish(a)
     plan = run_step(s)  # b comes back: its prompt and its reply but the token it feeds next
     assert [r.request_id for _, r in plan.admitted] == ["b"]
-    assert b.prefill_ids == [*b.prompt_ids, *b.output_ids[:-1]] and plan.chunk.stop == len(b.prefill_ids)
+    assert b.prefill_ids == [*b.prompt_ids, *b.output_ids[:-1]] and plan.chunks[0].stop == len(b.prefill_ids)
 
 
 def test_a_prefix_lm_request_takes_its_whole_budget_at_admission_and_its_prompt_in_one_piece():
     s = Scheduler(max_batch=2, max_queue=2, blocks=BlockAllocator(10, 4), step_tokens=4, chunked=False)
     s.add(req("a", prompt=10, budget=7))
     plan = run_step(s)
-    assert (plan.chunk.start, plan.chunk.stop) == (0, 10) and len(s.running[0].blocks) == 5  # 17 tokens
+    assert [(c.start, c.stop) for c in plan.chunks] == [(0, 10)] and len(s.running[0].blocks) == 5  # 17 tokens
     for _ in range(6):
         assert run_step(s).preempted == []
     assert s.blocks.in_use == 5
