@@ -122,10 +122,17 @@ def add_demo_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the exported model (default: glmkit/assets/demo-model, glmkit/assets/glm4-demo)")
     parser.add_argument("--tiny", action="store_true", help="the whole pipeline on a small slice, in minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for training (default: PyTorch's choice; 1 is faster when another job "
+                             "keeps the other cores busy)")
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
     """Run every stage; print the build report, with the accuracies but not the sample answers."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.model == "glm4-demo":
         from glmkit.training.tool_demo import build_tool_demo
 

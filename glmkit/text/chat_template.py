@@ -123,15 +123,17 @@ GLM4_CHAT_TEMPLATE = (
 )
 
 
-# GLM-4's format with a shorter tools block, for small models trained by glmkit (the GLM-4 demo model ships it in
-# its tokenizer_config.json): no persona and no per-tool suffix, each tool's schema as one-line JSON. Roles,
-# specials, `name\n{json}` calls and observations are glm-4-9b-chat's; only the system turn's text is shorter.
+# GLM-4's format with a one-line tools block, for small models trained by glmkit (the GLM-4 demo model ships it in
+# its tokenizer_config.json): each tool as `## name(parameter, ...)`, no persona, no schema text. Roles, specials,
+# `name\n{json}` calls and observations are glm-4-9b-chat's; only the system turn's text is shorter (GLM-4's own
+# tools block is hundreds of tokens, which a small model trained on 2 cores cannot afford in every example).
 GLM4_COMPACT_TOOLS_TEMPLATE = (
     "[gMASK]<sop>"
     "{% for item in messages %}"
     "{% if item['tools'] is defined %}<|system|>\n# 可用工具"
     "{% for tool in item['tools'] %}"
-    "{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}\n{{ tool['function'] | tojson }}"
+    "{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}"
+    "({{ ((tool['function']['parameters'] or {})['properties'] or {}) | list | join(', ') }})"
     "{% endif %}"
     "{% endfor %}"
     "{% endif %}"

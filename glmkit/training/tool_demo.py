@@ -48,22 +48,22 @@ class ToolRecipe:
     notes: dict = field(default_factory=dict)
 
 
-# Sized for ~40 minutes of training (alone on the machine) on 2 CPU cores (fp32 training, fp16 export). Measured there: 5,200 tokens/s at
-# this size against 3,300 at hidden 320; conversations average ~230 tokens, most of them the tools block.
+# Sized for ~40 minutes of training on one CPU core (the build was measured with --threads 1 while another job
+# kept the second core busy; with two threads and a busy machine a step took up to 5x longer).
 FULL = ToolRecipe(
     vocab_size=3000,
     model=dict(hidden_size=256, num_layers=4, num_attention_heads=8, kv_channels=32, multi_query_group_num=2,
                ffn_hidden_size=768, seq_length=512),
-    sft=TrainConfig(steps=1800, batch_size=16, seq_len=400, lr=2e-3, min_lr=1e-4, warmup_steps=80, eval_every=300,
+    sft=TrainConfig(steps=4000, batch_size=16, seq_len=256, lr=2e-3, min_lr=1e-4, warmup_steps=100, eval_every=500,
                     eval_batches=4, save_every=100, seed=1),
-    train_conversations=60000,
+    train_conversations=80000,
     heldout_per_kind={"call": 100, "direct": 25, "not_offered": 25},
 )
 TINY = ToolRecipe(
     vocab_size=600,
     model=dict(hidden_size=64, num_layers=2, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
                ffn_hidden_size=160, seq_length=512),
-    sft=TrainConfig(steps=6, batch_size=4, seq_len=400, lr=2e-3, warmup_steps=2, eval_every=3, eval_batches=1,
+    sft=TrainConfig(steps=6, batch_size=4, seq_len=256, lr=2e-3, warmup_steps=2, eval_every=3, eval_batches=1,
                     save_every=3),
     train_conversations=300,
     heldout_per_kind={"call": 3, "direct": 1, "not_offered": 1},
@@ -238,8 +238,9 @@ space or quote before it, one token per Chinese character and per digit); fp16 s
 {meta['size_bytes'] / 1e6:.1f} MB on disk.
 - Training: {recipe['sft']['steps']} steps of {recipe['sft']['batch_size']} conversations from \
 {meta['data']['train']:,} generated ones ({meta['data']['places']} cities, {meta['data']['heldout_places']} held out), \
-loss on the assistant turns only. Build time on 2 CPU cores: {sum(timings.values()) / 60:.0f} min.
-- The tokenizer's chat template is GLM-4's with a shorter tools block (each schema as one line of JSON, no persona).
+loss on the assistant turns only. {meta.get('build_note') or f"Build time on 2 CPU cores: {sum(timings.values()) / 60:.0f} min."}
+- The tokenizer's chat template is GLM-4's with a one-line tools block (`## name(parameter, ...)` per tool, no persona
+or schema text); roles, specials, calls and observations are GLM-4's.
 
 ## Held-out tool use (greedy; unseen question phrasings and unseen argument values)
 
