@@ -192,6 +192,7 @@ def export(final: Path, out: Path, data: Path, recipe: ToolRecipe, report: dict)
             "sources": json.loads((data / "sources.json").read_text(encoding="utf-8")),
             "data": json.loads((data / "summary.json").read_text(encoding="utf-8")),
             "parameters": sum(p.numel() for p in model.parameters()),
+            "ranks": GLM4Tokenizer.from_pretrained(final).vocab_size,
             "size_bytes": sum(p.stat().st_size for p in out.iterdir())}
     (out / "eval.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "README.md").write_text(model_card(meta), encoding="utf-8")
@@ -233,7 +234,7 @@ not an assistant: outside these tools it knows a few canned replies.
 
 - {meta['parameters']:,} parameters: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} \
 query heads and {m['multi_query_group_num']} key/value groups of {m['kv_channels']}, MLP {m['ffn_hidden_size']}; \
-{recipe['vocab_size']} BPE ranks + 14 GLM-4 specials, no token across a value boundary (a letter run apart from the \
+{meta.get('ranks', recipe['vocab_size']):,} BPE ranks + 14 GLM-4 specials, no token across a value boundary (a letter run apart from the \
 space or quote before it, one token per Chinese character and per digit); fp16 safetensors, \
 {meta['size_bytes'] / 1e6:.1f} MB on disk.
 - Training: {recipe['sft']['steps']} steps of {recipe['sft']['batch_size']} conversations from \

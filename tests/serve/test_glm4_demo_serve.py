@@ -1,5 +1,6 @@
 """`glmkit serve --model glm4-demo` with the official openai client: a question for an offered tool comes back as a
-`tool_calls` message with arguments that validate, and the tool's result gives a text answer with its values."""
+`tool_calls` message with arguments that validate, and the tool's result gives a text answer with its value. (A
+calculation: the model copies numbers and expressions well; city names it does not copy yet, see its eval.json.)"""
 
 import json
 
@@ -25,18 +26,18 @@ def client():
 
 def test_a_tool_question_gets_tool_calls_and_the_result_gets_an_answer(client):
     tools = [{"type": "function", "function": TOOLS[name]} for name in ("get_weather", "calculate")]
-    messages = [{"role": "user", "content": "Any idea what the weather is doing in Macau?"}]
+    messages = [{"role": "user", "content": "What is the answer to 452 * 17 + 9?"}]
     reply = client.chat.completions.create(model="glm4-demo", messages=messages, tools=tools, temperature=0,
                                            max_tokens=40)
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "tool_calls" and message.tool_calls
     call = message.tool_calls[0]
     arguments = json.loads(call.function.arguments)
-    assert call.function.name == "get_weather" and validates(arguments, TOOLS["get_weather"]["parameters"])
-    assert arguments["city"] == "Macau"
-    result = {"city": "Macau", "temperature": 23, "unit": "celsius", "condition": "sunny"}
+    assert call.function.name == "calculate" and validates(arguments, TOOLS["calculate"]["parameters"])
+    assert arguments["expression"].replace(" ", "") == "452*17+9"
+    result = {"expression": arguments["expression"], "result": 7693}
     messages += [message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
     answer = client.chat.completions.create(model="glm4-demo", messages=messages, tools=tools, temperature=0,
                                             max_tokens=40).choices[0].message
-    assert not answer.tool_calls and "23" in answer.content
+    assert not answer.tool_calls and "7693" in answer.content
