@@ -30,10 +30,36 @@ from glmkit.text.formats import chat_format_for
 from glmkit.text.protocol import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+GLM4_DEMO_DIR = Path(__file__).parent / "assets" / "glm4-demo"
+# The models shipped inside the package, by name: `--model glm4-demo`, glmkit.load("glm4-demo").
+SHIPPED_MODELS = {"demo-model": DEMO_MODEL_DIR, "glm4-demo": GLM4_DEMO_DIR}
 
 
 class NoDefaultModelError(FileNotFoundError):
     pass
+
+
+class UnknownModelError(FileNotFoundError):
+    pass
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """`path` itself when it exists (a real directory always wins), else the shipped model of that name; a bare
+    name that is neither is a one-line error listing the shipped names."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    name = str(path)
+    if name in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[name]
+        if not (shipped / "config.json").exists():
+            raise UnknownModelError(f"this glmkit build does not ship {name} yet (rebuild it: glmkit demo build "
+                                    f"--model {name})")
+        return shipped
+    if "/" not in name and "\\" not in name:
+        raise UnknownModelError(f"{name} is neither a directory nor a shipped model (shipped: "
+                                f"{', '.join(SHIPPED_MODELS)})")
+    return candidate
 
 
 def default_model_path() -> Path:
@@ -70,6 +96,7 @@ class GLMForCausalLM(GLM):
             if adapter is not None:
                 raise tp_lib.TPError("adapters are not sharded: fold it in first (glmkit merge), then load with --tp")
             device = tp_lib.init(tp, device, tp_timeout)
+        path = resolve_model_path(path)
         model = load_model(path, dtype=dtype, device=device, progress=progress and tp_lib.rank() == 0,
                            model_class=cls, quantize=quantize, group_size=group_size, tp=tp,
                            quantize_embeddings=quantize_embeddings)
@@ -175,8 +202,9 @@ def load(
     progress: bool = True, quantize: int | None = None, adapter: str | Path | None = None, tp: int = 1,
     tp_timeout: float = tp_lib.DEFAULT_TIMEOUT_S, quantize_embeddings: bool | int = False, kernels: str = "native",
 ) -> tuple[GLMForCausalLM, Tokenizer]:
-    """(model, tokenizer) from a model directory; with no path, the shipped demo model."""
-    path = Path(path).expanduser() if path is not None else default_model_path()
+    """(model, tokenizer) from a model directory or a shipped model's name (SHIPPED_MODELS); with no path, the
+    shipped demo model."""
+    path = resolve_model_path(path) if path is not None else default_model_path()
     model = GLMForCausalLM.from_pretrained(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
                                            adapter=adapter, tp=tp, tp_timeout=tp_timeout,
                                            quantize_embeddings=quantize_embeddings, kernels=kernels)

@@ -29,7 +29,8 @@ USER_ERROR_EXIT = 2
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model, so that they all load it the same way."""
     parser.add_argument("--model", "-m", type=Path, default=None,
-                        help="model directory in the official HF layout (default: the shipped demo model)")
+                        help="model directory in the official HF layout, or a shipped model's name: demo-model, glm4-demo "
+                             "(default: the shipped demo model)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")

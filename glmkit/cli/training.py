@@ -108,23 +108,47 @@ def discard_stage(stage_dir: Path) -> None:
         shutil.rmtree(stage_dir / "model")
 
 
+DEMO_MODELS = ("demo-model", "glm4-demo")
+
+
 def add_demo_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """The defaults rebuild the shipped model in place, keeping the stages' results under runs/demo."""
-    parser.add_argument("--work", type=Path, default=Path("runs/demo"), help="where stages keep their results")
-    parser.add_argument("--out", type=Path, default=Path("glmkit/assets/demo-model"), help="the exported model")
+    """The defaults rebuild the shipped model in place, keeping the stages' results under runs/<model>."""
+    parser.add_argument("--model", choices=DEMO_MODELS, default="demo-model",
+                        help="which shipped model: demo-model (ChatGLM-6B architecture, the default) or glm4-demo "
+                             "(GLM-4 architecture, trained to call tools)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where stages keep their results (default: runs/demo, runs/glm4-demo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the exported model (default: glmkit/assets/demo-model, glmkit/assets/glm4-demo)")
     parser.add_argument("--tiny", action="store_true", help="the whole pipeline on a small slice, in minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for training (default: PyTorch's choice; 1 is faster when another job "
+                             "keeps the other cores busy)")
 
 
 def cmd_demo_build(args: argparse.Namespace) -> int:
     """Run every stage; print the build report, with the accuracies but not the sample answers."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.model == "glm4-demo":
+        from glmkit.training.tool_demo import build_tool_demo
+
+        out = args.out or Path("glmkit/assets/glm4-demo")
+        report = build_tool_demo(args.work or Path("runs/glm4-demo"), out, tiny=args.tiny, seed=args.seed)
+        print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=2, ensure_ascii=False))
+        print(f"model written to {out}")
+        return 0
     from glmkit.training.demo import build_demo
 
-    report = build_demo(args.work, args.out, tiny=args.tiny, seed=args.seed)
+    out = args.out or Path("glmkit/assets/demo-model")
+    report = build_demo(args.work or Path("runs/demo"), out, tiny=args.tiny, seed=args.seed)
     accuracy = {k: v for k, v in report["exact_match"].items() if k != "samples"}
     print(json.dumps({k: v for k, v in report.items() if k != "exact_match"} | {"exact_match": accuracy},
                      indent=2, ensure_ascii=False))
-    print(f"model written to {args.out}")
+    print(f"model written to {out}")
     return 0
 
 

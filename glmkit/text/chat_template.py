@@ -123,6 +123,25 @@ GLM4_CHAT_TEMPLATE = (
 )
 
 
+# GLM-4's format with a one-line tools block, for small models trained by glmkit (the GLM-4 demo model ships it in
+# its tokenizer_config.json): each tool as `## name(parameter, ...)`, no persona, no schema text. Roles, specials,
+# `name\n{json}` calls and observations are glm-4-9b-chat's; only the system turn's text is shorter (GLM-4's own
+# tools block is hundreds of tokens, which a small model trained on 2 cores cannot afford in every example).
+GLM4_COMPACT_TOOLS_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% for item in messages %}"
+    "{% if item['tools'] is defined %}<|system|>\n# 可用工具"
+    "{% for tool in item['tools'] %}"
+    "{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}"
+    "({{ ((tool['function']['parameters'] or {})['properties'] or {}) | list | join(', ') }})"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 class ChatTemplateMixin:
     """`apply_chat_template` for a tokenizer that has `chat_template`, `encode` and `pad_token_id`.
 
