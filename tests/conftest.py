@@ -23,6 +23,7 @@ import sentencepiece as spm
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastTokenizer
 
+from glmkit.text.glm4_bpe import byte_decoder
 from glmkit.text.glm4_tokenizer import GLM4_PATTERN, GLM4_SPECIALS
 from glmkit.text.tokenizer import ChatGLMTokenizer, train_sentencepiece
 
@@ -99,21 +100,9 @@ def glm4_fast_model() -> FastTokenizer:
     return tokenizer
 
 
-def _byte_decoder() -> dict[str, int]:
-    """ByteLevel's printable stand-in character of each byte (GPT-2's table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def ranks_text(fast: FastTokenizer) -> str:
     """The BPE vocabulary (specials excluded) as a tiktoken ranks file: base64(token bytes), a space, the id."""
-    table = _byte_decoder()
+    table = byte_decoder()
     vocab = fast.get_vocab(with_added_tokens=False)
     lines = [f"{base64.b64encode(bytes(table[c] for c in token)).decode()} {rank}"
              for token, rank in sorted(vocab.items(), key=lambda item: item[1])]

@@ -104,6 +104,17 @@ _GLM4_COGVIEW = (
 )
 GLM4_FUNCTION_SUFFIX = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
+# What every GLM-4 template writes after a tool's entry: the end of the tools block, each turn as
+# <|role|>metadata\ncontent, and the assistant's turn to come.
+_GLM4_TURNS_AFTER_TOOLS = (
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 GLM4_CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{% for item in messages %}"
@@ -113,13 +124,8 @@ GLM4_CHAT_TEMPLATE = (
     "{{ tool['function'] | tojson(indent=4) }}\n" + GLM4_FUNCTION_SUFFIX +
     "{% elif tool['type'] == 'python' %}\n\n## python\n\n" + _GLM4_PYTHON +
     "{% elif tool['type'] == 'simple_browser' %}\n\n## simple_browser\n\n" + _GLM4_BROWSER +
-    "{% elif tool['type'] == 'cogview' %}\n\n## cogview\n\n" + _GLM4_COGVIEW +
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% elif tool['type'] == 'cogview' %}\n\n## cogview\n\n" + _GLM4_COGVIEW
+    + _GLM4_TURNS_AFTER_TOOLS
 )
 
 
@@ -134,13 +140,9 @@ GLM4_COMPACT_TOOLS_TEMPLATE = (
     "{% for tool in item['tools'] %}"
     "{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}"
     "({{ ((tool['function']['parameters'] or {})['properties'] or {}) | list | join(', ') }})"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    + _GLM4_TURNS_AFTER_TOOLS
 )
+
 
 class ChatTemplateMixin:
     """`apply_chat_template` for a tokenizer that has `chat_template`, `encode` and `pad_token_id`.

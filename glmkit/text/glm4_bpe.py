@@ -24,7 +24,7 @@ TRAINING_PATTERN = (
 )
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """ByteLevel's printable stand-in character of each byte (GPT-2's table) -> the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = list(printable), 0
@@ -49,7 +49,7 @@ def train_ranks(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, min_frequency=min_frequency)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    table = _byte_decoder()
+    table = byte_decoder()
     ranks = [bytes([b]) for b in range(256)]
     seen = set(ranks)
     import json
