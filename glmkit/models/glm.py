@@ -32,8 +32,7 @@ official convention: bool, True = blocked. The KV cache holds the key/value head
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,25 +139,6 @@ class KVCache(nn.Module):
         self.k[: k.shape[0], :, start:end] = k
         self.v[: k.shape[0], :, start:end] = v
         return self.k[: k.shape[0], :, :end], self.v[: k.shape[0], :, :end]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over rows start..stop that shares this one's memory (to prefill one batch slot)."""
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.register_buffer("k", self.k[start:stop], persistent=False)
-        view.register_buffer("v", self.v[start:stop], persistent=False)
-        return view
-
-    def write_row(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one row's k, v [H, n, D] at slots start..start+n (keys and values computed before, elsewhere)."""
-        end = start + k.shape[1]
-        self._check_room(end)
-        self.k[row, :, start:end] = k
-        self.v[row, :, start:end] = v
-
-    def move_row(self, src: int, dst: int) -> None:
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
 
     def select_rows(self, rows: torch.Tensor, length: int) -> None:
         """Rows 0..len(rows) become copies of rows `rows` (first `length` slots): beams forking and dying."""
@@ -647,34 +627,6 @@ class GLM(nn.Module):
         requests, position_ids [P, N] (each token's own), `step` saying where each token's keys go and what each
         attends to. The engine checks each request's length against the context itself."""
         return self.transformer(input_ids[None], position_ids[None], None, step)[0]
-
-    @contextmanager
-    def kv_cache_rows(self, slot: int) -> Iterator[None]:
-        """Within the block, the model sees only row `slot` of its caches (batch slot prefill)."""
-        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
-        try:
-            for layer, cache in zip(self.transformer.layers, caches, strict=True):
-                layer.attention.kv_cache = cache.rows(slot, slot + 1)
-            yield
-        finally:
-            for layer, cache in zip(self.transformer.layers, caches, strict=True):
-                layer.attention.kv_cache = cache
-
-    def move_kv_cache_row(self, src: int, dst: int) -> None:
-        for layer in self.transformer.layers:
-            layer.attention.kv_cache.move_row(src, dst)
-
-    def read_kv_cache(self, slot: int, start: int, stop: int) -> torch.Tensor:
-        """A copy of row `slot`'s keys and values at cache slots start..stop, every layer's:
-        [layers, 2 (k, v), kv_heads, stop - start, head_dim] (the engine keeps prompt blocks this way)."""
-        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
-        parts = [buffer[slot, :, start:stop] for cache in caches for buffer in (cache.k, cache.v)]
-        return torch.stack(parts).unflatten(0, (len(caches), 2))
-
-    def write_kv_cache(self, slot: int, start: int, kv: torch.Tensor) -> None:
-        """Write read_kv_cache's [layers, 2, kv_heads, n, head_dim] into row `slot` at cache slots start..start+n."""
-        for layer, (k, v) in zip(self.transformer.layers, kv, strict=True):
-            layer.attention.kv_cache.write_row(slot, start, k, v)
 
     def select_kv_cache_rows(self, rows: torch.Tensor, length: int) -> None:
         if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
